@@ -1,0 +1,3 @@
+"""Layers built on :mod:`deformable.ops`; each owns the branches that predict its offsets / masks."""
+
+__all__: list[str] = []

@@ -1,0 +1,51 @@
+"""Argument normalisation and checks shared by the operators."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+_FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_COMPUTED_IN_FLOAT32 = (torch.float16, torch.bfloat16)
+
+
+def pair(value, name: str, *, minimum: int) -> tuple[int, int]:
+    """``value`` as an ``(h, w)`` pair of ints ≥ ``minimum``, or a ValueError naming ``name``."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != 2:
+            raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+        items = tuple(value)
+    else:
+        items = (value, value)
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in items):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if min(items) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return items
+
+
+def check_same(named: dict[str, Tensor | None], op: str) -> None:
+    """All given tensors are floating point, of one dtype and on one device."""
+    present = {k: t for k, t in named.items() if t is not None}
+    first_name, first = next(iter(present.items()))
+    for name, t in present.items():
+        if t.dtype not in _FLOATING:
+            raise TypeError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
+        if t.dtype != first.dtype:
+            raise TypeError(
+                f"{op}: {name} has dtype {t.dtype} but {first_name} has {first.dtype}; "
+                "all tensors must share one dtype"
+            )
+        if t.device != first.device:
+            raise ValueError(
+                f"{op}: {name} is on {t.device} but {first_name} is on {first.device}; "
+                "all tensors must be on one device"
+            )
+
+
+def upcast(*tensors):
+    """float16 / bfloat16 tensors as float32 (None passes); returns them and the original dtype."""
+    dtype = next(t.dtype for t in tensors if t is not None)
+    if dtype not in _COMPUTED_IN_FLOAT32:
+        return tensors, dtype
+    return tuple(None if t is None else t.float() for t in tensors), dtype
