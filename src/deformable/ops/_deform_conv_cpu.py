@@ -1,18 +1,20 @@
-"""Fast CPU kernels of deform_conv2d: channels-last bilinear sampling (numba) + oneDNN convolution.
+"""Fast CPU kernels of deform_conv2d: channels-last bilinear sampling (numba) + oneDNN / BLAS GEMMs.
 
-The forward writes the deformed samples of a tile of output positions as an "expanded image"
-``E[n, ho * kh + i, wo * kw + j, c]`` (channels last) and runs ``F.conv2d`` on it with
-stride = kernel size: that is exactly the GEMM of the deformable convolution, at the speed of a
-regular convolution. Tiles are bounded in bytes (``TILE_BYTES``) whatever the image and batch size.
+Forward: the deformed samples of a tile of output positions are written as an "expanded image"
+``E[n, ho * kh + i, wo * kw + j, c]`` (channels last), and ``F.conv2d(E, weight, stride=kernel)``
+is exactly the GEMM of the deformable convolution, at the speed of a regular convolution.
 
-The backward recomputes ``E`` per tile, gets ``dL/dE`` and ``dL/dW`` from oneDNN's convolution
-backward, then one fused pass per tile turns ``dL/dE`` into the gradients of input, offset and
-mask. That pass splits the channels between threads: each thread owns its channel slice of the
-input gradient (no write races, no atomics) and sums offset/mask partials over its channels;
-the partials are added in chunk order. Everything is deterministic.
+Backward: per tile, the samples are written again as a column matrix ``cols[P, wg, kh*kw*cw]``
+(P output positions, wg weight groups of cw channels) and two GEMMs give ``dL/dcols`` and
+``dL/dW`` (oneDNN's backward of the expanded-image convolution is far slower than these on large
+maps). A fused pass then turns ``dL/dcols`` into the gradients of input, offset and mask. Output
+positions are split between threads: each thread writes the offset / mask gradients of its own
+positions and scatters into its own input-gradient buffer; the buffers are added in a fixed order
+afterwards. No atomics, no races, bit-identical results from run to run.
 
-Sampling coordinates and the four bilinear weights depend on (n, group, tap, position) only:
-they are computed once there and reused for every channel of the group.
+Tiles are bounded in bytes (``TILE_BYTES``) whatever the image and batch size. Sampling
+coordinates and the four bilinear weights depend on (n, group, tap, position) only: they are
+computed once there and reused for every channel of the group.
 """
 
 from __future__ import annotations
@@ -26,21 +28,69 @@ from numba import njit
 
 from deformable.ops._parallel import num_chunks, run_chunked
 
-#: Upper bound of one expanded-image tile, in bytes. The backward holds two of them (E, dL/dE).
+#: Upper bound of one tile of samples, in bytes. The backward holds two (cols and dL/dcols).
 TILE_BYTES = 32 * 2**20
 
 # Reassociation lets LLVM vectorise the channel reductions; no 'nnan'/'ninf', so the
 # out-of-image tests below still see NaN coordinates as outside.
 _FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
 
+# Indices into the int64 'geo' array handed to the kernels.
+_BATCH, _H, _W, _C, _OH, _OW, _G, _KH, _KW, _SH, _SW, _PH, _PW, _DH, _DW, _CW = range(16)
+
+
+# Channel loops index with unsigned integers: numba's wraparound handling of signed indices
+# keeps LLVM from vectorising them.
+
+
+@njit(nogil=True, cache=True, fastmath=_FASTMATH, inline="always")
+def _blend4(out, o, inp, a, row, col, w00, w01, w10, w11, count):
+    """out[o:o+count] = w00 * inp[a] + w01 * inp[a+col] + w10 * inp[a+row] + w11 * inp[a+row+col]."""
+    a00 = np.uint64(a)
+    a01 = np.uint64(a + col)
+    a10 = np.uint64(a + row)
+    a11 = np.uint64(a + row + col)
+    ou = np.uint64(o)
+    for c in range(np.uint64(count)):
+        out[ou + c] = (w00 * inp[a00 + c] + w01 * inp[a01 + c]
+                       + w10 * inp[a10 + c] + w11 * inp[a11 + c])  # fmt: skip
+
+
+@njit(nogil=True, cache=True, fastmath=_FASTMATH, inline="always")
+def _axpy(dst, d, w, src, s, count):
+    """dst[d:d+count] += w * src[s:s+count]."""
+    du = np.uint64(d)
+    su = np.uint64(s)
+    for c in range(np.uint64(count)):
+        dst[du + c] += w * src[su + c]
+
+
+@njit(nogil=True, cache=True, fastmath=_FASTMATH, inline="always")
+def _fill(dst, d, count):
+    du = np.uint64(d)
+    for c in range(np.uint64(count)):
+        dst[du + c] = 0.0
+
 
 @njit(nogil=True, cache=True, fastmath=_FASTMATH)
-def _sample_tile(inp, off, msk, has_mask, out, n0, r0, c0, nb, rb, wb,
-                 groups, kh, kw, sh, sw, ph, pw, dh, dw, chunk, chunks):  # fmt: skip
-    """out[nl, rl*kh+i, wl*kw+j, c] = mask * bilinear(inp[n0+nl, :, :, c], p0 + p_k + offset)."""
-    _, height, width, channels = inp.shape
+def _sample(inp, off, msk, has_mask, geo, tile, lay, out, chunk, chunks):
+    """Write mask * bilinear(input, p0 + p_k + offset) for one tile into ``out``.
+
+    Flat arrays: inp [N, H, W, C], off [N, 2*G*K, Ho, Wo], msk [N, G*K, Ho, Wo]. ``tile`` is
+    (n0, r0, c0, nb, rb, wb); the sample of channel c (weight group gw = c // cw) at tap (i, j) of
+    tile position (nl, rl, wl) goes to
+    ``out[(nl*rb + rl)*s_row + wl*s_wl + i*s_i + j*s_j + gw*s_g + c % cw]``, ``lay`` holding
+    (s_row, s_wl, s_i, s_j, s_g).
+    """
+    height, width, channels = geo[_H], geo[_W], geo[_C]
+    out_w, groups, kh, kw = geo[_OW], geo[_G], geo[_KH], geo[_KW]
+    plane = geo[_OH] * out_w
+    cw = geo[_CW]
     cpg = channels // groups
     taps = kh * kw
+    n0, r0, c0, nb, rb, wb = tile[0], tile[1], tile[2], tile[3], tile[4], tile[5]
+    s_row, s_wl, s_i, s_j, s_g = lay[0], lay[1], lay[2], lay[3], lay[4]
+    row_stride = width * channels
     wts = np.empty(4, dtype=out.dtype)  # bilinear weights, cast once to the data's dtype
     items = nb * rb
     for item in range(items * chunk // chunks, items * (chunk + 1) // chunks):
@@ -48,181 +98,173 @@ def _sample_tile(inp, off, msk, has_mask, out, n0, r0, c0, nb, rb, wb,
         rl = item - nl * rb
         n = n0 + nl
         ho = r0 + rl
+        image = n * height * row_stride
         for wl in range(wb):
             wo = c0 + wl
+            pos = ho * out_w + wo
             for i in range(kh):
                 for j in range(kw):
                     k = i * kw + j
-                    dst = out[nl, rl * kh + i, wl * kw + j]
+                    base = item * s_row + wl * s_wl + i * s_i + j * s_j
                     for g in range(groups):
-                        cs = g * cpg
-                        ce = cs + cpg
-                        y = ho * sh - ph + i * dh + off[n, 2 * (g * taps + k), ho, wo]
-                        x = wo * sw - pw + j * dw + off[n, 2 * (g * taps + k) + 1, ho, wo]
-                        m = msk[n, g * taps + k, ho, wo] if has_mask else 1.0
-                        if not (y > -1.0 and y < height and x > -1.0 and x < width):
-                            for c in range(cs, ce):
-                                dst[c] = 0.0
-                            continue
-                        y0 = int(math.floor(y))
-                        x0 = int(math.floor(x))
+                        gk = (n * groups + g) * taps + k
+                        y = ho * geo[_SH] - geo[_PH] + i * geo[_DH] + off[2 * gk * plane + pos]
+                        x = wo * geo[_SW] - geo[_PW] + j * geo[_DW] + off[(2 * gk + 1) * plane + pos]
+                        m = msk[gk * plane + pos] if has_mask else 1.0
+                        inside = y > -1.0 and y < height and x > -1.0 and x < width
+                        y0 = int(math.floor(y)) if inside else 0
+                        x0 = int(math.floor(x)) if inside else 0
                         ly = y - y0
                         lx = x - x0
                         wts[0] = (1.0 - ly) * (1.0 - lx) * m
                         wts[1] = (1.0 - ly) * lx * m
                         wts[2] = ly * (1.0 - lx) * m
                         wts[3] = ly * lx * m
-                        w00 = wts[0]
-                        w01 = wts[1]
-                        w10 = wts[2]
-                        w11 = wts[3]
-                        if y0 >= 0 and x0 >= 0 and y0 + 1 < height and x0 + 1 < width:
-                            a = inp[n, y0, x0]
-                            b = inp[n, y0, x0 + 1]
-                            cc = inp[n, y0 + 1, x0]
-                            d = inp[n, y0 + 1, x0 + 1]
-                            for c in range(cs, ce):
-                                dst[c] = w00 * a[c] + w01 * b[c] + w10 * cc[c] + w11 * d[c]
-                        else:  # a corner outside the image counts as zero
-                            for c in range(cs, ce):
-                                dst[c] = 0.0
-                            if y0 >= 0 and x0 >= 0:
-                                a = inp[n, y0, x0]
-                                for c in range(cs, ce):
-                                    dst[c] += w00 * a[c]
-                            if y0 >= 0 and x0 + 1 < width:
-                                b = inp[n, y0, x0 + 1]
-                                for c in range(cs, ce):
-                                    dst[c] += w01 * b[c]
-                            if y0 + 1 < height and x0 >= 0:
-                                cc = inp[n, y0 + 1, x0]
-                                for c in range(cs, ce):
-                                    dst[c] += w10 * cc[c]
-                            if y0 + 1 < height and x0 + 1 < width:
-                                d = inp[n, y0 + 1, x0 + 1]
-                                for c in range(cs, ce):
-                                    dst[c] += w11 * d[c]
+                        ok_t = y0 >= 0
+                        ok_b = y0 + 1 < height
+                        ok_l = x0 >= 0
+                        ok_r = x0 + 1 < width
+                        interior = inside and ok_t and ok_b and ok_l and ok_r
+                        c = g * cpg
+                        while c < (g + 1) * cpg:  # runs of channels within one weight group
+                            gw = c // cw
+                            count = min((g + 1) * cpg, (gw + 1) * cw) - c
+                            o = base + gw * s_g + c - gw * cw
+                            a = image + (y0 * width + x0) * channels + c
+                            if interior:
+                                _blend4(out, o, inp, a, row_stride, channels, wts[0], wts[1],
+                                        wts[2], wts[3], count)  # fmt: skip
+                            else:  # outside the image, or a corner outside counting as zero
+                                _fill(out, o, count)
+                                if inside and ok_t and ok_l:
+                                    _axpy(out, o, wts[0], inp, a, count)
+                                if inside and ok_t and ok_r:
+                                    _axpy(out, o, wts[1], inp, a + channels, count)
+                                if inside and ok_b and ok_l:
+                                    _axpy(out, o, wts[2], inp, a + row_stride, count)
+                                if inside and ok_b and ok_r:
+                                    _axpy(out, o, wts[3], inp, a + row_stride + channels, count)
+                            c += count
 
 
 @njit(nogil=True, cache=True, fastmath=_FASTMATH)
-def _backward_tile(inp, off, msk, has_mask, grad_cols, n0, r0, c0, nb, rb, wb,
-                   groups, kh, kw, sh, sw, ph, pw, dh, dw,
-                   need_input, grad_inp, partial, chunk, chunks):  # fmt: skip
-    """One thread's channel slice of the backward of ``_sample_tile``.
+def _backward(inp, off, msk, has_mask, geo, tile, lay, grad_cols, need_input, grad_inp,
+              grad_off, grad_msk, chunk, chunks):  # fmt: skip
+    """The backward of ``_sample`` for this chunk's tile positions.
 
-    grad_cols is dL/dE of the tile. Adds the input gradient of channels
-    [C*chunk/chunks, C*(chunk+1)/chunks) into grad_inp (channels last) and writes this chunk's
-    partial sums over those channels into partial[chunk, nl, rl, wl, g*K+k, :] as
-    (dL/dy, dL/dx, dL/dmask).
+    ``grad_cols`` is dL/d(out of ``_sample``) with the same layout. Writes dL/doffset and
+    dL/dmask of the chunk's positions into ``grad_off`` / ``grad_msk`` (flat, the layouts of
+    off / msk) and adds the input gradient into ``grad_inp[chunk]`` ([chunks, N*H*W*C]).
     """
-    _, height, width, channels = inp.shape
+    height, width, channels = geo[_H], geo[_W], geo[_C]
+    out_w, groups, kh, kw = geo[_OW], geo[_G], geo[_KH], geo[_KW]
+    plane = geo[_OH] * out_w
+    cw = geo[_CW]
     cpg = channels // groups
     taps = kh * kw
-    cb0 = channels * chunk // chunks
-    cb1 = channels * (chunk + 1) // chunks
-    part = partial[chunk]
-    part[...] = 0.0
-    if cb1 <= cb0:
-        return
-    g_first = cb0 // cpg
-    g_last = (cb1 - 1) // cpg
+    n0, r0, c0, nb, rb, wb = tile[0], tile[1], tile[2], tile[3], tile[4], tile[5]
+    s_row, s_wl, s_i, s_j, s_g = lay[0], lay[1], lay[2], lay[3], lay[4]
+    row_stride = width * channels
+    gin = grad_inp[chunk]
     wts = np.empty(4, dtype=grad_cols.dtype)
     cf = np.zeros(4, dtype=grad_cols.dtype)  # typed copies, so channel loops stay in the dtype
-    for nl in range(nb):
+    items = nb * rb
+    for item in range(items * chunk // chunks, items * (chunk + 1) // chunks):
+        nl = item // rb
+        rl = item - nl * rb
         n = n0 + nl
-        for rl in range(rb):
-            ho = r0 + rl
-            for wl in range(wb):
-                wo = c0 + wl
-                for i in range(kh):
-                    for j in range(kw):
-                        k = i * kw + j
-                        src = grad_cols[nl, rl * kh + i, wl * kw + j]
-                        for g in range(g_first, g_last + 1):
-                            cs = max(g * cpg, cb0)
-                            ce = min(g * cpg + cpg, cb1)
-                            y = ho * sh - ph + i * dh + off[n, 2 * (g * taps + k), ho, wo]
-                            x = wo * sw - pw + j * dw + off[n, 2 * (g * taps + k) + 1, ho, wo]
-                            m = msk[n, g * taps + k, ho, wo] if has_mask else 1.0
-                            if not (y > -1.0 and y < height and x > -1.0 and x < width):
-                                continue
-                            y0 = int(math.floor(y))
-                            x0 = int(math.floor(x))
-                            cf[0] = y - y0
-                            cf[1] = x - x0
-                            cf[2] = 1.0 - (y - y0)
-                            ly = cf[0]
-                            lx = cf[1]
-                            hy = cf[2]
-                            hx = 1.0 - (x - x0)
-                            ok00 = y0 >= 0 and x0 >= 0
-                            ok01 = y0 >= 0 and x0 + 1 < width
-                            ok10 = y0 + 1 < height and x0 >= 0
-                            ok11 = y0 + 1 < height and x0 + 1 < width
-                            acc_y = cf[3]
-                            acc_x = cf[3]
-                            acc_m = cf[3]
-                            if ok00 and ok01 and ok10 and ok11:
-                                a = inp[n, y0, x0]
-                                b = inp[n, y0, x0 + 1]
-                                cc = inp[n, y0 + 1, x0]
-                                d = inp[n, y0 + 1, x0 + 1]
-                                for c in range(cs, ce):
-                                    ge = src[c]
-                                    top = a[c] + lx * (b[c] - a[c])
-                                    bottom = cc[c] + lx * (d[c] - cc[c])
-                                    acc_m += ge * (top + ly * (bottom - top))
-                                    acc_y += ge * (bottom - top)
-                                    acc_x += ge * (hy * (b[c] - a[c]) + ly * (d[c] - cc[c]))
-                            else:
-                                for c in range(cs, ce):
-                                    ge = src[c]
-                                    va = inp[n, y0, x0, c] if ok00 else cf[3]
-                                    vb = inp[n, y0, x0 + 1, c] if ok01 else cf[3]
-                                    vc = inp[n, y0 + 1, x0, c] if ok10 else cf[3]
-                                    vd = inp[n, y0 + 1, x0 + 1, c] if ok11 else cf[3]
+        ho = r0 + rl
+        image = n * height * row_stride
+        for wl in range(wb):
+            wo = c0 + wl
+            pos = ho * out_w + wo
+            for i in range(kh):
+                for j in range(kw):
+                    k = i * kw + j
+                    base = item * s_row + wl * s_wl + i * s_i + j * s_j
+                    for g in range(groups):
+                        gk = (n * groups + g) * taps + k
+                        y = ho * geo[_SH] - geo[_PH] + i * geo[_DH] + off[2 * gk * plane + pos]
+                        x = wo * geo[_SW] - geo[_PW] + j * geo[_DW] + off[(2 * gk + 1) * plane + pos]
+                        m = msk[gk * plane + pos] if has_mask else 1.0
+                        if not (y > -1.0 and y < height and x > -1.0 and x < width):
+                            grad_off[2 * gk * plane + pos] = 0.0
+                            grad_off[(2 * gk + 1) * plane + pos] = 0.0
+                            grad_msk[gk * plane + pos] = 0.0
+                            continue
+                        y0 = int(math.floor(y))
+                        x0 = int(math.floor(x))
+                        cf[0] = y - y0
+                        cf[1] = x - x0
+                        cf[2] = 1.0 - (y - y0)
+                        ly = cf[0]
+                        lx = cf[1]
+                        hy = cf[2]
+                        wts[0] = (1.0 - (y - y0)) * (1.0 - (x - x0)) * m
+                        wts[1] = (1.0 - (y - y0)) * (x - x0) * m
+                        wts[2] = (y - y0) * (1.0 - (x - x0)) * m
+                        wts[3] = (y - y0) * (x - x0) * m
+                        ok00 = y0 >= 0 and x0 >= 0
+                        ok01 = y0 >= 0 and x0 + 1 < width
+                        ok10 = y0 + 1 < height and x0 >= 0
+                        ok11 = y0 + 1 < height and x0 + 1 < width
+                        interior = ok00 and ok11
+                        acc_y = cf[3]
+                        acc_x = cf[3]
+                        acc_m = cf[3]
+                        c = g * cpg
+                        while c < (g + 1) * cpg:  # runs of channels within one weight group
+                            gw = c // cw
+                            count = min((g + 1) * cpg, (gw + 1) * cw) - c
+                            src = np.uint64(base + gw * s_g + c - gw * cw)
+                            a = image + (y0 * width + x0) * channels + c
+                            if interior:
+                                a00 = np.uint64(a)
+                                a01 = np.uint64(a + channels)
+                                a10 = np.uint64(a + row_stride)
+                                a11 = np.uint64(a + row_stride + channels)
+                                for cc in range(np.uint64(count)):
+                                    ge = grad_cols[src + cc]
+                                    va = inp[a00 + cc]
+                                    vb = inp[a01 + cc]
+                                    vc = inp[a10 + cc]
+                                    vd = inp[a11 + cc]
                                     top = va + lx * (vb - va)
                                     bottom = vc + lx * (vd - vc)
                                     acc_m += ge * (top + ly * (bottom - top))
                                     acc_y += ge * (bottom - top)
                                     acc_x += ge * (hy * (vb - va) + ly * (vd - vc))
-                            q = part[nl, rl, wl, g * taps + k]
-                            q[0] += acc_y * m
-                            q[1] += acc_x * m
-                            q[2] += acc_m
-                            if not need_input:
-                                continue
-                            # One loop per corner: a single store stream each, so it vectorises.
-                            wts[0] = hy * hx * m
-                            wts[1] = hy * lx * m
-                            wts[2] = ly * hx * m
-                            wts[3] = ly * lx * m
-                            if ok00:
-                                w = wts[0]
-                                dst = grad_inp[n, y0, x0]
-                                for c in range(cs, ce):
-                                    dst[c] += w * src[c]
-                            if ok01:
-                                w = wts[1]
-                                dst = grad_inp[n, y0, x0 + 1]
-                                for c in range(cs, ce):
-                                    dst[c] += w * src[c]
-                            if ok10:
-                                w = wts[2]
-                                dst = grad_inp[n, y0 + 1, x0]
-                                for c in range(cs, ce):
-                                    dst[c] += w * src[c]
-                            if ok11:
-                                w = wts[3]
-                                dst = grad_inp[n, y0 + 1, x0 + 1]
-                                for c in range(cs, ce):
-                                    dst[c] += w * src[c]
+                            else:
+                                for cc in range(count):
+                                    ge = grad_cols[src + np.uint64(cc)]
+                                    va = inp[a + cc] if ok00 else cf[3]
+                                    vb = inp[a + channels + cc] if ok01 else cf[3]
+                                    vc = inp[a + row_stride + cc] if ok10 else cf[3]
+                                    vd = inp[a + row_stride + channels + cc] if ok11 else cf[3]
+                                    top = va + lx * (vb - va)
+                                    bottom = vc + lx * (vd - vc)
+                                    acc_m += ge * (top + ly * (bottom - top))
+                                    acc_y += ge * (bottom - top)
+                                    acc_x += ge * (hy * (vb - va) + ly * (vd - vc))
+                            if need_input:  # one loop per corner: one store stream each
+                                if ok00:
+                                    _axpy(gin, a, wts[0], grad_cols, src, count)
+                                if ok01:
+                                    _axpy(gin, a + channels, wts[1], grad_cols, src, count)
+                                if ok10:
+                                    _axpy(gin, a + row_stride, wts[2], grad_cols, src, count)
+                                if ok11:
+                                    _axpy(gin, a + row_stride + channels, wts[3], grad_cols, src,
+                                          count)  # fmt: skip
+                            c += count
+                        grad_off[2 * gk * plane + pos] = acc_y * m
+                        grad_off[(2 * gk + 1) * plane + pos] = acc_x * m
+                        grad_msk[gk * plane + pos] = acc_m
 
 
-def _tiles(batch, out_h, out_w, channels, taps, itemsize, budget):
-    """Split (batch, rows, columns) of the output so that each tile's E fits in ``budget`` bytes."""
-    col_bytes = taps * channels * itemsize
-    row_bytes = out_w * col_bytes
+def _tiles(batch, out_h, out_w, bytes_per_position, budget):
+    """Split (batch, rows, columns) of the output into tiles of at most ``budget`` bytes."""
+    row_bytes = out_w * bytes_per_position
     image_bytes = out_h * row_bytes
     if image_bytes <= budget:
         nb = max(1, budget // max(image_bytes, 1))
@@ -234,7 +276,7 @@ def _tiles(batch, out_h, out_w, channels, taps, itemsize, budget):
             for r0 in range(0, out_h, rb):
                 yield n0, r0, 0, 1, min(rb, out_h - r0), out_w
     else:
-        wb = max(1, budget // col_bytes)
+        wb = max(1, budget // bytes_per_position)
         for n0 in range(batch):
             for r0 in range(out_h):
                 for c0 in range(0, out_w, wb):
@@ -242,51 +284,66 @@ def _tiles(batch, out_h, out_w, channels, taps, itemsize, budget):
 
 
 class _Problem:
-    """Shapes and numpy views shared by the forward and backward of one call."""
+    """Shapes and flat numpy views shared by the forward and backward of one call."""
 
     def __init__(self, input, offset, weight, stride, padding, dilation, mask):
-        self.batch, self.channels, _, _ = input.shape
-        self.out_channels, _, self.kh, self.kw = weight.shape
+        batch, channels, height, width = input.shape
+        self.out_channels, self.cw, self.kh, self.kw = weight.shape
         self.out_h, self.out_w = offset.shape[-2:]
         self.taps = self.kh * self.kw
-        self.offset_groups = offset.shape[1] // (2 * self.taps)
-        self.weight_groups = self.channels // weight.shape[1]
-        self.geometry = (self.offset_groups, self.kh, self.kw, *stride, *padding, *dilation)
+        self.channels = channels
+        self.weight_groups = channels // self.cw
+        self.dtype = input.dtype
+        groups = offset.shape[1] // (2 * self.taps)
+        self.geo = np.array([batch, height, width, channels, self.out_h, self.out_w, groups,
+                             self.kh, self.kw, *stride, *padding, *dilation, self.cw],
+                            dtype=np.int64)  # fmt: skip
         # channels-last copy of the input (free when the caller's input already is channels last)
         self.inp_cl = input.detach().permute(0, 2, 3, 1).contiguous()
-        self.inp_np = self.inp_cl.numpy()
-        self.off_np = offset.detach().contiguous().numpy()
-        self.has_mask = mask is not None
-        self.msk_np = mask.detach().contiguous().numpy() if mask is not None else self.off_np[:, :1]
-        self.dtype = input.dtype
+        off = offset.detach().contiguous().numpy().reshape(-1)
+        msk = mask.detach().contiguous().numpy().reshape(-1) if mask is not None else off
+        self.sources = (self.inp_cl.numpy().reshape(-1), off, msk, mask is not None)
         self.buffer = None
+        self.tiles = list(_tiles(batch, self.out_h, self.out_w,
+                                 self.taps * channels * input.element_size(), TILE_BYTES))  # fmt: skip
 
-    def tiles(self):
-        itemsize = self.inp_cl.element_size()
-        return _tiles(self.batch, self.out_h, self.out_w, self.channels, self.taps, itemsize,
-                      TILE_BYTES)  # fmt: skip
-
-    def expanded(self, n0, r0, c0, nb, rb, wb):
-        """Sample one tile into a reused buffer; returns it as an NCHW (channels-last) view."""
-        shape = (nb, rb * self.kh, wb * self.kw, self.channels)
+    def sample(self, tile, shape, layout):
+        """Samples of one tile into a reused buffer of ``shape``, laid out as ``layout``."""
         numel = math.prod(shape)
         if self.buffer is None or self.buffer.numel() < numel:
             self.buffer = torch.empty(numel, dtype=self.dtype)
-        cols = self.buffer[:numel].view(shape)
-        run_chunked(_sample_tile, min(num_chunks(), nb * rb), self.inp_np, self.off_np,
-                    self.msk_np, self.has_mask, cols.numpy(), n0, r0, c0, nb, rb, wb,
-                    *self.geometry)  # fmt: skip
-        return cols.permute(0, 3, 1, 2)
+        out = self.buffer[:numel]
+        run_chunked(_sample, min(num_chunks(), tile[3] * tile[4]), *self.sources, self.geo,
+                    np.array(tile, dtype=np.int64), layout, out.numpy())  # fmt: skip
+        return out.view(shape)
+
+    def expanded_image(self, tile):
+        """The tile as an NCHW view (channels-last memory) of E[nb, rb*kh, wb*kw, C]."""
+        _, _, _, nb, rb, wb = tile
+        c, kw = self.channels, self.kw
+        layout = np.array([self.kh * wb * kw * c, kw * c, wb * kw * c, c, self.cw], np.int64)
+        return self.sample(tile, (nb, rb * self.kh, wb * kw, c), layout).permute(0, 3, 1, 2)
+
+    def column_layout(self, tile):
+        """Layout of cols[P, wg, kh*kw*cw], P = the tile's positions (n, row, column)."""
+        wb = tile[5]
+        k, c, cw = self.taps, self.channels, self.cw
+        return np.array([wb * k * c, k * c, self.kw * cw, cw, k * cw], np.int64)
+
+    def columns(self, tile):
+        nb, rb, wb = tile[3:]
+        shape = (nb * rb * wb, self.weight_groups, self.taps * self.cw)
+        return self.sample(tile, shape, self.column_layout(tile))
 
 
 def forward(input, offset, weight, bias, stride, padding, dilation, mask):
     p = _Problem(input, offset, weight, stride, padding, dilation, mask)
-    out = torch.empty((p.batch, p.out_channels, p.out_h, p.out_w), dtype=input.dtype)
+    out = torch.empty((input.shape[0], p.out_channels, p.out_h, p.out_w), dtype=input.dtype)
     w = weight.detach()
     b = bias.detach() if bias is not None else None
-    for n0, r0, c0, nb, rb, wb in p.tiles():
-        cols = p.expanded(n0, r0, c0, nb, rb, wb)
-        res = F.conv2d(cols, w, b, stride=(p.kh, p.kw), groups=p.weight_groups)
+    for tile in p.tiles:
+        n0, r0, c0, nb, rb, wb = tile
+        res = F.conv2d(p.expanded_image(tile), w, b, stride=(p.kh, p.kw), groups=p.weight_groups)
         out[n0 : n0 + nb, :, r0 : r0 + rb, c0 : c0 + wb] = res
     return out
 
@@ -294,42 +351,54 @@ def forward(input, offset, weight, bias, stride, padding, dilation, mask):
 def backward(grad_out, input, offset, weight, stride, padding, dilation, mask, need):
     """Gradients (input, offset, weight, mask) for the flags in ``need``; None where not needed."""
     need_input, need_offset, need_weight, need_mask = need
-    p = _Problem(input, offset, weight, stride, padding, dilation, mask)
-    w = weight.detach()
-    grad_out = grad_out.detach()
     need_cols = need_input or need_offset or need_mask
+    p = _Problem(input, offset, weight, stride, padding, dilation, mask)
+    wg, cog = p.weight_groups, p.out_channels // p.weight_groups
+    # weight as [wg, Cout/wg, kh*kw*cw], matching the column layout
+    w_mat = weight.detach().permute(0, 2, 3, 1).reshape(wg, cog, p.taps * p.cw)
+    grad_w_mat = torch.zeros_like(w_mat) if need_weight else None
     chunks = num_chunks()
-    grad_inp = torch.zeros_like(p.inp_cl) if need_input else None
-    grad_inp_np = grad_inp.numpy() if need_input else p.inp_np[:0]
-    grad_offset = torch.zeros_like(offset) if need_offset else None
-    grad_mask = torch.zeros_like(mask) if need_mask else None
-    grad_weight = torch.zeros_like(weight) if need_weight else None
-    gk = p.offset_groups * p.taps
-    for n0, r0, c0, nb, rb, wb in p.tiles():
-        g_tile = grad_out[n0 : n0 + nb, :, r0 : r0 + rb, c0 : c0 + wb]
+    grad_inp = torch.zeros((chunks, p.inp_cl.numel()), dtype=p.dtype) if need_input else None
+    grad_offset = torch.empty(offset.shape, dtype=p.dtype)
+    # without a mask its gradient is computed into a scratch buffer and dropped
+    grad_mask = torch.empty(offset[:, : offset.shape[1] // 2].shape, dtype=p.dtype)
+    grad_inp_np = grad_inp.numpy() if need_input else np.zeros((chunks, 0), p.sources[0].dtype)
+    grad_out = grad_out.detach()
+    grad_cols = None
+    for tile in p.tiles:
+        n0, r0, c0, nb, rb, wb = tile
+        positions = nb * rb * wb
+        # [P, Cout] in the column order (n, row, column)
+        g = grad_out[n0 : n0 + nb, :, r0 : r0 + rb, c0 : c0 + wb].permute(0, 2, 3, 1)
+        g = g.reshape(positions, p.out_channels)
         if need_weight:
-            cols = p.expanded(n0, r0, c0, nb, rb, wb)
-        else:  # the input-side gradient of a convolution needs only the shape of its input
-            cols = torch.empty((nb, rb * p.kh, wb * p.kw, p.channels), dtype=p.dtype)
-            cols = cols.permute(0, 3, 1, 2)
-        g_cols, g_w, _ = torch.ops.aten.convolution_backward(
-            g_tile, cols, w, None, [p.kh, p.kw], [0, 0], [1, 1], False, [0, 0],
-            p.weight_groups, [need_cols, need_weight, False])  # fmt: skip
-        if need_weight:
-            grad_weight += g_w
+            cols = p.columns(tile)
+            for gw in range(wg):
+                grad_w_mat[gw].addmm_(g[:, gw * cog : (gw + 1) * cog].t(), cols[:, gw])
         if not need_cols:
             continue
-        g_cols = g_cols.permute(0, 2, 3, 1).contiguous()
-        partial = torch.empty((chunks, nb, rb, wb, gk, 3), dtype=p.dtype)
-        run_chunked(_backward_tile, chunks, p.inp_np, p.off_np, p.msk_np, p.has_mask,
-                    g_cols.numpy(), n0, r0, c0, nb, rb, wb, *p.geometry, need_input,
-                    grad_inp_np, partial.numpy())  # fmt: skip
-        sums = partial.sum(0)  # [nb, rb, wb, G*K, 3], added in chunk order
-        if need_offset:
-            grad_offset[n0 : n0 + nb, :, r0 : r0 + rb, c0 : c0 + wb] = (
-                sums[..., :2].reshape(nb, rb, wb, 2 * gk).permute(0, 3, 1, 2)
-            )
-        if need_mask:
-            grad_mask[n0 : n0 + nb, :, r0 : r0 + rb, c0 : c0 + wb] = sums[..., 2].permute(0, 3, 1, 2)
-    grad_input = grad_inp.permute(0, 3, 1, 2).contiguous() if need_input else None
-    return grad_input, grad_offset, grad_weight, grad_mask
+        shape = (positions, wg, p.taps * p.cw)
+        if grad_cols is None or grad_cols.numel() < math.prod(shape):
+            grad_cols = torch.empty(math.prod(shape), dtype=p.dtype)
+        gc = grad_cols[: math.prod(shape)].view(shape)
+        if wg == 1:
+            torch.mm(g, w_mat[0], out=gc[:, 0])
+        else:
+            for gw in range(wg):
+                gc[:, gw] = g[:, gw * cog : (gw + 1) * cog] @ w_mat[gw]
+        run_chunked(_backward, min(chunks, nb * rb), *p.sources, p.geo,
+                    np.array(tile, dtype=np.int64), p.column_layout(tile), gc.numpy().reshape(-1),
+                    need_input, grad_inp_np, grad_offset.numpy().reshape(-1),
+                    grad_mask.numpy().reshape(-1))  # fmt: skip
+    grad_input = None
+    if need_input:
+        total = grad_inp[0]
+        for t in range(1, chunks):  # fixed order: deterministic
+            total += grad_inp[t]
+        grad_input = total.view(p.inp_cl.shape).permute(0, 3, 1, 2).contiguous()
+    grad_weight = None
+    if need_weight:
+        grad_weight = grad_w_mat.reshape(p.out_channels, p.kh, p.kw, p.cw).permute(0, 3, 1, 2)
+        grad_weight = grad_weight.contiguous()
+    return (grad_input, grad_offset if need_offset else None, grad_weight,
+            grad_mask if need_mask and mask is not None else None)  # fmt: skip

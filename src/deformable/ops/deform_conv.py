@@ -244,8 +244,8 @@ def _deform_conv2d_backward_cpu(grad_out, input, offset, weight, bias, stride, p
 
 def _pack_grads(grads, originals):
     """Gradients in the dtype of their inputs; an empty tensor stands for 'not computed'."""
-    empty = originals[0].new_empty(0)
-    return tuple(empty if g is None else g.to(t.dtype) for g, t in zip(grads, originals))
+    return tuple(originals[0].new_empty(0) if g is None else g.to(t.dtype)
+                 for g, t in zip(grads, originals))  # fmt: skip
 
 
 @_deform_conv2d_backward_op.register_fake
