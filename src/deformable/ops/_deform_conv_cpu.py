@@ -187,7 +187,9 @@ def _backward(inp, off, msk, has_mask, geo, tile, lay, grad_cols, need_input, gr
                         y = ho * geo[_SH] - geo[_PH] + i * geo[_DH] + off[2 * gk * plane + pos]
                         x = wo * geo[_SW] - geo[_PW] + j * geo[_DW] + off[(2 * gk + 1) * plane + pos]
                         m = msk[gk * plane + pos] if has_mask else 1.0
-                        if not (y > -1.0 and y < height and x > -1.0 and x < width):
+                        # y == -1 exactly samples zero, but its one-sided derivative is not
+                        # (torchvision's convention): keep it, as the reference does.
+                        if not (y >= -1.0 and y < height and x >= -1.0 and x < width):
                             grad_off[2 * gk * plane + pos] = 0.0
                             grad_off[(2 * gk + 1) * plane + pos] = 0.0
                             grad_msk[gk * plane + pos] = 0.0

@@ -179,17 +179,19 @@ def _deform_conv2d_op(
     dilation: Sequence[int],
     mask: Optional[Tensor],
 ) -> Tensor:
-    # Any device without a fast kernel: the reference.
-    args, dtype = upcast(input, offset, weight, bias, mask)
-    input, offset, weight, bias, mask = args
+    return _forward_reference(input, offset, weight, bias, stride, padding, dilation, mask)
+
+
+def _forward_reference(input, offset, weight, bias, stride, padding, dilation, mask):
+    """Any device without a fast kernel: the reference."""
+    (input, offset, weight, bias, mask), dtype = upcast(input, offset, weight, bias, mask)
     out = reference.deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask)
     return out.to(dtype)
 
 
 @_deform_conv2d_op.register_kernel("cpu")
-def _deform_conv2d_cpu(input, offset, weight, bias, stride, padding, dilation, mask):
-    args, dtype = upcast(input, offset, weight, bias, mask)
-    input, offset, weight, bias, mask = args
+def _forward_cpu(input, offset, weight, bias, stride, padding, dilation, mask):
+    (input, offset, weight, bias, mask), dtype = upcast(input, offset, weight, bias, mask)
     out = _deform_conv_cpu.forward(input, offset, weight, bias, stride, padding, dilation, mask)
     return out.to(dtype)
 
@@ -213,6 +215,13 @@ def _deform_conv2d_backward_op(
     output_mask: Sequence[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients (input, offset, weight, bias, mask); an empty tensor where output_mask is False."""
+    return _backward_reference(grad_out, input, offset, weight, bias, stride, padding, dilation,
+                               mask, output_mask)  # fmt: skip
+
+
+def _backward_reference(grad_out, input, offset, weight, bias, stride, padding, dilation, mask,
+                        output_mask):  # fmt: skip
+    """Any device without a fast kernel: autograd through the reference."""
     originals = (input, offset, weight, bias, mask)
     (grad_out, input, offset, weight, bias, mask), _ = upcast(
         grad_out, input, offset, weight, bias, mask
@@ -229,8 +238,8 @@ def _deform_conv2d_backward_op(
 
 
 @_deform_conv2d_backward_op.register_kernel("cpu")
-def _deform_conv2d_backward_cpu(grad_out, input, offset, weight, bias, stride, padding, dilation,
-                                mask, output_mask):  # fmt: skip
+def _backward_cpu(grad_out, input, offset, weight, bias, stride, padding, dilation,
+                  mask, output_mask):  # fmt: skip
     originals = (input, offset, weight, bias, mask)
     (grad_out, input, offset, weight, mask), _ = upcast(grad_out, input, offset, weight, mask)
     need_input, need_offset, need_weight, need_bias, need_mask = (bool(m) for m in output_mask)

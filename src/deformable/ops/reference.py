@@ -52,15 +52,16 @@ def deform_conv2d(input, offset, weight, bias=None, stride=(1, 1), padding=(0, 0
     base_x = (torch.arange(out_w, device=dev) * stride[1] - padding[1])[None, None, :] + (
         torch.arange(kw, device=dev) * dilation[1]).repeat(kh)[:, None, None]
     off = offset.reshape(batch, groups, taps, 2, out_h, out_w)
-    y = (base_y + off[:, :, :, 0]).reshape(batch * groups, -1)
-    x = (base_x + off[:, :, :, 1]).reshape(batch * groups, -1)
+    points = taps * out_h * out_w
+    y = (base_y + off[:, :, :, 0]).reshape(batch * groups, points)
+    x = (base_x + off[:, :, :, 1]).reshape(batch * groups, points)
     image = input.reshape(batch * groups, channels // groups, *input.shape[-2:])
-    cols = bilinear_gather(image, y, x).reshape(batch, groups, channels // groups, taps, -1)
+    cols = bilinear_gather(image, y, x).reshape(batch, groups, channels // groups, taps, out_h * out_w)
     if mask is not None:
-        cols = cols * mask.reshape(batch, groups, 1, taps, -1)
+        cols = cols * mask.reshape(batch, groups, 1, taps, out_h * out_w)
     # grouped GEMM: [N, wg, Cin/wg * K, P] x [wg, Cout/wg, Cin/wg * K]
     cols = cols.reshape(batch, weight_groups, channels_per_weight_group * taps, out_h * out_w)
-    w = weight.reshape(weight_groups, out_channels // weight_groups, -1)
+    w = weight.reshape(weight_groups, out_channels // weight_groups, channels_per_weight_group * taps)
     out = torch.einsum("gok,ngkp->ngop", w, cols).reshape(batch, out_channels, out_h, out_w)
     if bias is not None:
         out = out + bias[None, :, None, None]

@@ -1,0 +1,9 @@
+"""Fixtures shared by the test suite."""
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
