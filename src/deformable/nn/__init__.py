@@ -1,3 +1,6 @@
 """Layers built on :mod:`deformable.ops`; each owns the branches that predict its offsets / masks."""
 
-__all__: list[str] = []
+from deformable.nn.deform_conv import DeformConv2d
+from deformable.nn.param_groups import param_groups
+
+__all__ = ["DeformConv2d", "param_groups"]
