@@ -199,9 +199,10 @@ def test_thread_count_does_not_change_results():
         multi, multi_grads, _ = grads_of(deform_conv2d, args, grad_out)
     finally:
         torch.set_num_threads(before)
-    assert_close(multi, single)
+    # the partition of the work does not depend on the threads that run it: bit-identical
+    assert torch.equal(multi, single)
     for name in single_grads:
-        assert_close(multi_grads[name], single_grads[name], what=name)
+        assert torch.equal(multi_grads[name], single_grads[name]), name
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

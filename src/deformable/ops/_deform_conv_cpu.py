@@ -20,6 +20,7 @@ computed once there and reused for every channel of the group.
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
 import torch
@@ -34,6 +35,22 @@ TILE_BYTES = 32 * 2**20
 # Reassociation lets LLVM vectorise the channel reductions; no 'nnan'/'ninf', so the
 # out-of-image tests below still see NaN coordinates as outside.
 _FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
+
+_workspace = threading.local()
+
+
+def _scratch(name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """A flat scratch tensor kept per thread between calls (at most one tile each).
+
+    Freshly allocated tile buffers cost page faults on every call, and the kernel serialises
+    faults from several threads: reusing them is worth several milliseconds per call.
+    """
+    buffers = _workspace.__dict__.setdefault("buffers", {})
+    buf = buffers.get((name, dtype))
+    if buf is None or buf.numel() < numel:
+        buf = buffers[(name, dtype)] = torch.empty(numel, dtype=dtype)
+    return buf[:numel]
+
 
 # Indices into the int64 'geo' array handed to the kernels.
 _BATCH, _H, _W, _C, _OH, _OW, _G, _KH, _KW, _SH, _SW, _PH, _PW, _DH, _DW, _CW = range(16)
@@ -148,13 +165,16 @@ def _sample(inp, off, msk, has_mask, geo, tile, lay, out, chunk, chunks):
 
 
 @njit(nogil=True, cache=True, fastmath=_FASTMATH)
-def _backward(inp, off, msk, has_mask, geo, tile, lay, grad_cols, need_input, grad_inp,
-              grad_off, grad_msk, chunk, chunks):  # fmt: skip
-    """The backward of ``_sample`` for this chunk's tile positions.
+def _backward_offset(inp, off, msk, has_mask, geo, tile, lay, grad_cols, grad_off, grad_msk,
+                     tap_corner, tap_weight, item_rows, chunk, chunks):  # fmt: skip
+    """Phase 1 of the backward of ``_sample``, over this chunk's tile positions.
 
-    ``grad_cols`` is dL/d(out of ``_sample``) with the same layout. Writes dL/doffset and
-    dL/dmask of the chunk's positions into ``grad_off`` / ``grad_msk`` (flat, the layouts of
-    off / msk) and adds the input gradient into ``grad_inp[chunk]`` ([chunks, N*H*W*C]).
+    ``grad_cols`` is dL/d(out of ``_sample``), same layout. Writes dL/doffset and dL/dmask of the
+    chunk's positions into ``grad_off`` / ``grad_msk`` (flat, the layouts of off / msk), and for
+    every tap t = ((item * wb + wl) * K + k) * G + g records its top-left corner (y0, x0) in
+    ``tap_corner[2t:2t+2]`` (y0 = -2 when nothing is sampled) and its four bilinear weights times
+    the mask, zero for corners outside the image, in ``tap_weight[4t:4t+4]``; and the range of
+    y0 over the taps of each tile row ``item`` in ``item_rows[2 * item : 2 * item + 2]``.
     """
     height, width, channels = geo[_H], geo[_W], geo[_C]
     out_w, groups, kh, kw = geo[_OW], geo[_G], geo[_KH], geo[_KW]
@@ -165,8 +185,6 @@ def _backward(inp, off, msk, has_mask, geo, tile, lay, grad_cols, need_input, gr
     n0, r0, c0, nb, rb, wb = tile[0], tile[1], tile[2], tile[3], tile[4], tile[5]
     s_row, s_wl, s_i, s_j, s_g = lay[0], lay[1], lay[2], lay[3], lay[4]
     row_stride = width * channels
-    gin = grad_inp[chunk]
-    wts = np.empty(4, dtype=grad_cols.dtype)
     cf = np.zeros(4, dtype=grad_cols.dtype)  # typed copies, so channel loops stay in the dtype
     items = nb * rb
     for item in range(items * chunk // chunks, items * (chunk + 1) // chunks):
@@ -175,6 +193,8 @@ def _backward(inp, off, msk, has_mask, geo, tile, lay, grad_cols, need_input, gr
         n = n0 + nl
         ho = r0 + rl
         image = n * height * row_stride
+        lowest = height
+        highest = -2
         for wl in range(wb):
             wo = c0 + wl
             pos = ho * out_w + wo
@@ -183,6 +203,7 @@ def _backward(inp, off, msk, has_mask, geo, tile, lay, grad_cols, need_input, gr
                     k = i * kw + j
                     base = item * s_row + wl * s_wl + i * s_i + j * s_j
                     for g in range(groups):
+                        t = ((item * wb + wl) * taps + k) * groups + g
                         gk = (n * groups + g) * taps + k
                         y = ho * geo[_SH] - geo[_PH] + i * geo[_DH] + off[2 * gk * plane + pos]
                         x = wo * geo[_SW] - geo[_PW] + j * geo[_DW] + off[(2 * gk + 1) * plane + pos]
@@ -190,6 +211,7 @@ def _backward(inp, off, msk, has_mask, geo, tile, lay, grad_cols, need_input, gr
                         # y == -1 exactly samples zero, but its one-sided derivative is not
                         # (torchvision's convention): keep it, as the reference does.
                         if not (y >= -1.0 and y < height and x >= -1.0 and x < width):
+                            tap_corner[2 * t] = -2
                             grad_off[2 * gk * plane + pos] = 0.0
                             grad_off[(2 * gk + 1) * plane + pos] = 0.0
                             grad_msk[gk * plane + pos] = 0.0
@@ -202,14 +224,18 @@ def _backward(inp, off, msk, has_mask, geo, tile, lay, grad_cols, need_input, gr
                         ly = cf[0]
                         lx = cf[1]
                         hy = cf[2]
-                        wts[0] = (1.0 - (y - y0)) * (1.0 - (x - x0)) * m
-                        wts[1] = (1.0 - (y - y0)) * (x - x0) * m
-                        wts[2] = (y - y0) * (1.0 - (x - x0)) * m
-                        wts[3] = (y - y0) * (x - x0) * m
                         ok00 = y0 >= 0 and x0 >= 0
                         ok01 = y0 >= 0 and x0 + 1 < width
                         ok10 = y0 + 1 < height and x0 >= 0
                         ok11 = y0 + 1 < height and x0 + 1 < width
+                        tap_corner[2 * t] = y0
+                        tap_corner[2 * t + 1] = x0
+                        lowest = min(lowest, y0)
+                        highest = max(highest, y0)
+                        tap_weight[4 * t] = (1.0 - (y - y0)) * (1.0 - (x - x0)) * m if ok00 else 0.0
+                        tap_weight[4 * t + 1] = (1.0 - (y - y0)) * (x - x0) * m if ok01 else 0.0
+                        tap_weight[4 * t + 2] = (y - y0) * (1.0 - (x - x0)) * m if ok10 else 0.0
+                        tap_weight[4 * t + 3] = (y - y0) * (x - x0) * m if ok11 else 0.0
                         interior = ok00 and ok11
                         acc_y = cf[3]
                         acc_x = cf[3]
@@ -248,20 +274,68 @@ def _backward(inp, off, msk, has_mask, geo, tile, lay, grad_cols, need_input, gr
                                     acc_m += ge * (top + ly * (bottom - top))
                                     acc_y += ge * (bottom - top)
                                     acc_x += ge * (hy * (vb - va) + ly * (vd - vc))
-                            if need_input:  # one loop per corner: one store stream each
-                                if ok00:
-                                    _axpy(gin, a, wts[0], grad_cols, src, count)
-                                if ok01:
-                                    _axpy(gin, a + channels, wts[1], grad_cols, src, count)
-                                if ok10:
-                                    _axpy(gin, a + row_stride, wts[2], grad_cols, src, count)
-                                if ok11:
-                                    _axpy(gin, a + row_stride + channels, wts[3], grad_cols, src,
-                                          count)  # fmt: skip
                             c += count
                         grad_off[2 * gk * plane + pos] = acc_y * m
                         grad_off[(2 * gk + 1) * plane + pos] = acc_x * m
                         grad_msk[gk * plane + pos] = acc_m
+        item_rows[2 * item] = lowest
+        item_rows[2 * item + 1] = highest
+
+
+@njit(nogil=True, cache=True, fastmath=_FASTMATH)
+def _backward_input(geo, tile, lay, grad_cols, tap_corner, tap_weight, item_rows, grad_inp, chunk,
+                    chunks):  # fmt: skip
+    """Phase 2: scatter dL/d(samples) into the input gradient (flat [N, H, W, C]).
+
+    The chunk owns a band of input rows of the tile's images and walks every tap in order,
+    adding only into its own rows: no two threads write one element, and each element receives
+    its contributions in tap order whatever the number of threads (bit-identical results).
+    """
+    height, width, channels = geo[_H], geo[_W], geo[_C]
+    groups, kh, kw = geo[_G], geo[_KH], geo[_KW]
+    cw = geo[_CW]
+    cpg = channels // groups
+    taps = kh * kw
+    n0, nb, rb, wb = tile[0], tile[3], tile[4], tile[5]
+    s_row, s_wl, s_i, s_j, s_g = lay[0], lay[1], lay[2], lay[3], lay[4]
+    rows = nb * height  # rows of the tile's images, numbered (nl * H + y)
+    lo = rows * chunk // chunks
+    hi = rows * (chunk + 1) // chunks
+    if hi <= lo:
+        return
+    for item in range(nb * rb):
+        nl = item // rb
+        first = nl * height  # this image's row 0 in the numbering above
+        if first + item_rows[2 * item + 1] + 1 < lo or first + item_rows[2 * item] >= hi:
+            continue  # no tap of this tile row touches the band
+        image = (n0 + nl) * height * width * channels
+        for wl in range(wb):
+            for i in range(kh):
+                for j in range(kw):
+                    k = i * kw + j
+                    base = item * s_row + wl * s_wl + i * s_i + j * s_j
+                    for g in range(groups):
+                        t = ((item * wb + wl) * taps + k) * groups + g
+                        y0 = tap_corner[2 * t]
+                        if y0 < -1 or first + y0 + 1 < lo or first + y0 >= hi:
+                            continue
+                        x0 = tap_corner[2 * t + 1]
+                        for dy in range(2):
+                            r = first + y0 + dy
+                            if r < lo or r >= hi:
+                                continue
+                            for dx in range(2):
+                                w = tap_weight[4 * t + 2 * dy + dx]
+                                if w == 0.0:  # also every corner outside the image
+                                    continue
+                                dst0 = image + ((y0 + dy) * width + x0 + dx) * channels
+                                c = g * cpg
+                                while c < (g + 1) * cpg:  # runs within one weight group
+                                    gw = c // cw
+                                    count = min((g + 1) * cpg, (gw + 1) * cw) - c
+                                    _axpy(grad_inp, dst0 + c, w, grad_cols,
+                                          base + gw * s_g + c - gw * cw, count)  # fmt: skip
+                                    c += count
 
 
 def _tiles(batch, out_h, out_w, bytes_per_position, budget):
@@ -297,6 +371,7 @@ class _Problem:
         self.weight_groups = channels // self.cw
         self.dtype = input.dtype
         groups = offset.shape[1] // (2 * self.taps)
+        self.offset_groups = groups
         self.geo = np.array([batch, height, width, channels, self.out_h, self.out_w, groups,
                              self.kh, self.kw, *stride, *padding, *dilation, self.cw],
                             dtype=np.int64)  # fmt: skip
@@ -305,17 +380,13 @@ class _Problem:
         off = offset.detach().contiguous().numpy().reshape(-1)
         msk = mask.detach().contiguous().numpy().reshape(-1) if mask is not None else off
         self.sources = (self.inp_cl.numpy().reshape(-1), off, msk, mask is not None)
-        self.buffer = None
         self.tiles = list(_tiles(batch, self.out_h, self.out_w,
                                  self.taps * channels * input.element_size(), TILE_BYTES))  # fmt: skip
 
     def sample(self, tile, shape, layout):
         """Samples of one tile into a reused buffer of ``shape``, laid out as ``layout``."""
-        numel = math.prod(shape)
-        if self.buffer is None or self.buffer.numel() < numel:
-            self.buffer = torch.empty(numel, dtype=self.dtype)
-        out = self.buffer[:numel]
-        run_chunked(_sample, min(num_chunks(), tile[3] * tile[4]), *self.sources, self.geo,
+        out = _scratch("samples", math.prod(shape), self.dtype)
+        run_chunked(_sample, num_chunks(tile[3] * tile[4]), *self.sources, self.geo,
                     np.array(tile, dtype=np.int64), layout, out.numpy())  # fmt: skip
         return out.view(shape)
 
@@ -359,14 +430,11 @@ def backward(grad_out, input, offset, weight, stride, padding, dilation, mask, n
     # weight as [wg, Cout/wg, kh*kw*cw], matching the column layout
     w_mat = weight.detach().permute(0, 2, 3, 1).reshape(wg, cog, p.taps * p.cw)
     grad_w_mat = torch.zeros_like(w_mat) if need_weight else None
-    chunks = num_chunks()
-    grad_inp = torch.zeros((chunks, p.inp_cl.numel()), dtype=p.dtype) if need_input else None
+    grad_inp = torch.zeros(p.inp_cl.shape, dtype=p.dtype) if need_input else None
     grad_offset = torch.empty(offset.shape, dtype=p.dtype)
     # without a mask its gradient is computed into a scratch buffer and dropped
     grad_mask = torch.empty(offset[:, : offset.shape[1] // 2].shape, dtype=p.dtype)
-    grad_inp_np = grad_inp.numpy() if need_input else np.zeros((chunks, 0), p.sources[0].dtype)
     grad_out = grad_out.detach()
-    grad_cols = None
     for tile in p.tiles:
         n0, r0, c0, nb, rb, wb = tile
         positions = nb * rb * wb
@@ -380,24 +448,25 @@ def backward(grad_out, input, offset, weight, stride, padding, dilation, mask, n
         if not need_cols:
             continue
         shape = (positions, wg, p.taps * p.cw)
-        if grad_cols is None or grad_cols.numel() < math.prod(shape):
-            grad_cols = torch.empty(math.prod(shape), dtype=p.dtype)
-        gc = grad_cols[: math.prod(shape)].view(shape)
+        gc = _scratch("grad_samples", math.prod(shape), p.dtype).view(shape)
         if wg == 1:
             torch.mm(g, w_mat[0], out=gc[:, 0])
         else:
             for gw in range(wg):
                 gc[:, gw] = g[:, gw * cog : (gw + 1) * cog] @ w_mat[gw]
-        run_chunked(_backward, min(chunks, nb * rb), *p.sources, p.geo,
-                    np.array(tile, dtype=np.int64), p.column_layout(tile), gc.numpy().reshape(-1),
-                    need_input, grad_inp_np, grad_offset.numpy().reshape(-1),
-                    grad_mask.numpy().reshape(-1))  # fmt: skip
-    grad_input = None
-    if need_input:
-        total = grad_inp[0]
-        for t in range(1, chunks):  # fixed order: deterministic
-            total += grad_inp[t]
-        grad_input = total.view(p.inp_cl.shape).permute(0, 3, 1, 2).contiguous()
+        tile_np, layout, gc_np = np.array(tile, dtype=np.int64), p.column_layout(tile), gc.numpy().reshape(-1)
+        tap_count = positions * p.taps * p.offset_groups
+        tap_corner = np.empty(2 * tap_count, dtype=np.int64)
+        tap_weight = np.empty(4 * tap_count, dtype=gc_np.dtype)
+        item_rows = np.empty(2 * nb * rb, dtype=np.int64)
+        run_chunked(_backward_offset, num_chunks(nb * rb), *p.sources, p.geo, tile_np, layout,
+                    gc_np, grad_offset.numpy().reshape(-1), grad_mask.numpy().reshape(-1),
+                    tap_corner, tap_weight, item_rows)  # fmt: skip
+        if need_input:
+            run_chunked(_backward_input, num_chunks(nb * p.geo[1]), p.geo, tile_np, layout,
+                        gc_np, tap_corner, tap_weight, item_rows,
+                        grad_inp.numpy().reshape(-1))  # fmt: skip
+    grad_input = grad_inp.permute(0, 3, 1, 2).contiguous() if need_input else None
     grad_weight = None
     if need_weight:
         grad_weight = grad_w_mat.reshape(p.out_channels, p.kh, p.kw, p.cw).permute(0, 3, 1, 2)

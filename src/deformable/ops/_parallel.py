@@ -4,6 +4,10 @@ The kernels take ``(chunk, num_chunks)`` and derive their own slice of the work 
 partition (and with it every floating-point summation order) depends only on the number of
 chunks, never on which thread ran what: results are bit-identical from run to run.
 
+Threads pull chunks from a shared counter, so a thread that starts late does less. That matters
+here: after each of its parallel regions torch's OpenMP workers spin on their core for a while,
+and a static split would make every kernel that follows a torch op wait for its slowest half.
+
 A plain thread pool rather than numba's ``parallel=True``: numba's threading layers either spin
 after a parallel region (OpenMP: it would steal the cores from the oneDNN convolution that runs
 right after each sampling pass) or abort the process when two Python threads launch kernels at
@@ -12,6 +16,7 @@ once (workqueue). Threads here just block, and any number of callers may share t
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -23,9 +28,14 @@ _pool: ThreadPoolExecutor | None = None
 _pool_key: tuple[int, int] | None = None
 
 
-def num_chunks() -> int:
-    """How many chunks to split a kernel's work into: the threads torch is allowed to use."""
+def num_threads() -> int:
+    """The threads the kernels use: as many as torch is allowed to use."""
     return max(1, torch.get_num_threads())
+
+
+def num_chunks(work_items: int, per_thread: int = 4) -> int:
+    """A partition of ``work_items`` into a few chunks per thread (at least one item each)."""
+    return max(1, min(work_items, per_thread * num_threads()))
 
 
 def _get_pool(workers: int) -> ThreadPoolExecutor:
@@ -42,14 +52,24 @@ def _get_pool(workers: int) -> ThreadPoolExecutor:
 
 def run_chunked(kernel, chunks: int, *args) -> None:
     """Call ``kernel(*args, chunk, chunks)`` for every chunk, in parallel, and wait for all."""
-    if chunks <= 1:
-        kernel(*args, 0, 1)
+    threads = min(num_threads(), chunks)
+    if threads <= 1:
+        for chunk in range(chunks):
+            kernel(*args, chunk, chunks)
         return
-    pool = _get_pool(chunks - 1)
-    futures = [pool.submit(kernel, *args, t, chunks) for t in range(1, chunks)]
+    counter = itertools.count()  # next() on it is atomic under the GIL
+
+    def work():
+        for chunk in iter(counter.__next__, None):
+            if chunk >= chunks:
+                return
+            kernel(*args, chunk, chunks)
+
+    pool = _get_pool(threads - 1)
+    futures = [pool.submit(work) for _ in range(threads - 1)]
     error = None
     try:
-        kernel(*args, 0, chunks)
+        work()
     except BaseException as exc:  # still wait for the others: they write into shared buffers
         error = exc
     for future in futures:
