@@ -1,0 +1,40 @@
+"""The benchmark harness runs end to end on tiny shapes, and its onnxruntime anchor is the same op."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from helpers import assert_close
+from deformable import bench
+from deformable.ops import deform_conv2d
+
+
+def test_quick_run_writes_table_and_json(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    assert bench.main(["--shapes", "quick", "--repeats", "1", "--json", str(path)]) == 0
+    table = capsys.readouterr().out
+    assert "| geometric mean |" in table and "ours fwd+bwd" in table
+    rows = json.loads(path.read_text())
+    assert [r["shape"] for r in rows] == [list(s) for s in bench.QUICK_SHAPES]
+    for row in rows:
+        assert row["ours_fwd_ms"] > 0 and row["ours_fwdbwd_x"] > 0
+        assert row["ours_fwd_x"] == pytest.approx(row["ours_fwd_ms"] / row["conv2d_fwd_ms"])
+
+
+def test_onnxruntime_deform_conv_agrees_with_ours():
+    """The inference anchor computes the same thing (so the comparison is fair)."""
+    x = torch.randn(2, 8, 9, 11)
+    weight = torch.randn(6, 8, 3, 3)
+    offset = torch.randn(2, 18, 9, 11) * 2
+    run = bench._onnxruntime_deform_conv(x, weight, offset, 1)
+    assert run is not None, "onnxruntime is part of the dev install"
+    (ort_out,) = run()
+    assert_close(torch.from_numpy(ort_out), deform_conv2d(x, offset, weight, padding=1))
+
+
+def test_repeats_must_be_positive():
+    with pytest.raises(SystemExit):
+        bench.main(["--repeats", "0"])
