@@ -56,6 +56,40 @@ def _scratch(name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
 _BATCH, _H, _W, _C, _OH, _OW, _G, _KH, _KW, _SH, _SW, _PH, _PW, _DH, _DW, _CW = range(16)
 
 
+# Runs: the channels of an offset group split where weight groups begin. ``runs`` holds G + 1
+# indices into the run list (group g owns runs[g]:runs[g+1]), then from position _RUNS = 64 on,
+# three numbers per run: first channel c, channel count, weight group gw.
+_RUNS = 64
+
+
+def _channel_runs(channels: int, offset_groups: int, cw: int) -> np.ndarray:
+    if offset_groups + 1 > _RUNS:
+        raise ValueError(f"deform_conv2d supports at most {_RUNS - 1} offset groups, got {offset_groups}")
+    cpg = channels // offset_groups
+    starts, triples = [0], []
+    for g in range(offset_groups):
+        c = g * cpg
+        while c < (g + 1) * cpg:
+            gw = c // cw
+            count = min((g + 1) * cpg, (gw + 1) * cw) - c
+            triples += [c, count, gw]
+            c += count
+        starts.append(len(triples) // 3)
+    starts += [0] * (_RUNS - len(starts))
+    return np.array(starts + triples, dtype=np.int64)
+
+
+@njit(nogil=True, cache=True)
+def _run_destinations(runs, s_g, cw):
+    """Offset of each run in a tap's block of samples: gw * s_g + c - gw * cw."""
+    count = (runs.size - _RUNS) // 3
+    dest = np.empty(count, dtype=np.int64)
+    for r in range(count):
+        c, gw = runs[_RUNS + 3 * r], runs[_RUNS + 3 * r + 2]
+        dest[r] = gw * s_g + c - gw * cw
+    return dest
+
+
 # Channel loops index with unsigned integers: numba's wraparound handling of signed indices
 # keeps LLVM from vectorising them.
 
@@ -90,82 +124,82 @@ def _fill(dst, d, count):
 
 
 @njit(nogil=True, cache=True, fastmath=_FASTMATH)
-def _sample(inp, off, msk, has_mask, geo, tile, lay, out, chunk, chunks):
+def _sample(inp, off, msk, has_mask, geo, runs, tile, lay, out, chunk, chunks):
     """Write mask * bilinear(input, p0 + p_k + offset) for one tile into ``out``.
 
     Flat arrays: inp [N, H, W, C], off [N, 2*G*K, Ho, Wo], msk [N, G*K, Ho, Wo]. ``tile`` is
     (n0, r0, c0, nb, rb, wb); the sample of channel c (weight group gw = c // cw) at tap (i, j) of
     tile position (nl, rl, wl) goes to
     ``out[(nl*rb + rl)*s_row + wl*s_wl + i*s_i + j*s_j + gw*s_g + c % cw]``, ``lay`` holding
-    (s_row, s_wl, s_i, s_j, s_g).
+    (s_row, s_wl, s_i, s_j, s_g). ``runs`` lists the channel runs (see ``_channel_runs``).
     """
     height, width, channels = geo[_H], geo[_W], geo[_C]
     out_w, groups, kh, kw = geo[_OW], geo[_G], geo[_KH], geo[_KW]
+    sh, sw, ph, pw, dh, dw = geo[_SH], geo[_SW], geo[_PH], geo[_PW], geo[_DH], geo[_DW]
     plane = geo[_OH] * out_w
-    cw = geo[_CW]
-    cpg = channels // groups
     taps = kh * kw
     n0, r0, c0, nb, rb, wb = tile[0], tile[1], tile[2], tile[3], tile[4], tile[5]
-    s_row, s_wl, s_i, s_j, s_g = lay[0], lay[1], lay[2], lay[3], lay[4]
+    s_row, s_wl, s_i, s_j = lay[0], lay[1], lay[2], lay[3]
+    dest = _run_destinations(runs, lay[4], geo[_CW])
     row_stride = width * channels
-    wts = np.empty(4, dtype=out.dtype)  # bilinear weights, cast once to the data's dtype
+    cast = out.dtype.type
     items = nb * rb
     for item in range(items * chunk // chunks, items * (chunk + 1) // chunks):
         nl = item // rb
-        rl = item - nl * rb
         n = n0 + nl
-        ho = r0 + rl
+        ho = r0 + item - nl * rb
         image = n * height * row_stride
         for wl in range(wb):
             wo = c0 + wl
             pos = ho * out_w + wo
             for i in range(kh):
+                y_base = ho * sh - ph + i * dh
                 for j in range(kw):
+                    x_base = wo * sw - pw + j * dw
                     k = i * kw + j
                     base = item * s_row + wl * s_wl + i * s_i + j * s_j
                     for g in range(groups):
                         gk = (n * groups + g) * taps + k
-                        y = ho * geo[_SH] - geo[_PH] + i * geo[_DH] + off[2 * gk * plane + pos]
-                        x = wo * geo[_SW] - geo[_PW] + j * geo[_DW] + off[(2 * gk + 1) * plane + pos]
+                        y = y_base + off[2 * gk * plane + pos]
+                        x = x_base + off[(2 * gk + 1) * plane + pos]
                         m = msk[gk * plane + pos] if has_mask else 1.0
-                        inside = y > -1.0 and y < height and x > -1.0 and x < width
-                        y0 = int(math.floor(y)) if inside else 0
-                        x0 = int(math.floor(x)) if inside else 0
+                        if not (y > -1.0 and y < height and x > -1.0 and x < width):
+                            for r in range(runs[g], runs[g + 1]):
+                                _fill(out, base + dest[r], runs[_RUNS + 3 * r + 1])
+                            continue
+                        y0 = int(math.floor(y))
+                        x0 = int(math.floor(x))
                         ly = y - y0
                         lx = x - x0
-                        wts[0] = (1.0 - ly) * (1.0 - lx) * m
-                        wts[1] = (1.0 - ly) * lx * m
-                        wts[2] = ly * (1.0 - lx) * m
-                        wts[3] = ly * lx * m
-                        ok_t = y0 >= 0
-                        ok_b = y0 + 1 < height
-                        ok_l = x0 >= 0
-                        ok_r = x0 + 1 < width
-                        interior = inside and ok_t and ok_b and ok_l and ok_r
-                        c = g * cpg
-                        while c < (g + 1) * cpg:  # runs of channels within one weight group
-                            gw = c // cw
-                            count = min((g + 1) * cpg, (gw + 1) * cw) - c
-                            o = base + gw * s_g + c - gw * cw
-                            a = image + (y0 * width + x0) * channels + c
-                            if interior:
-                                _blend4(out, o, inp, a, row_stride, channels, wts[0], wts[1],
-                                        wts[2], wts[3], count)  # fmt: skip
-                            else:  # outside the image, or a corner outside counting as zero
-                                _fill(out, o, count)
-                                if inside and ok_t and ok_l:
-                                    _axpy(out, o, wts[0], inp, a, count)
-                                if inside and ok_t and ok_r:
-                                    _axpy(out, o, wts[1], inp, a + channels, count)
-                                if inside and ok_b and ok_l:
-                                    _axpy(out, o, wts[2], inp, a + row_stride, count)
-                                if inside and ok_b and ok_r:
-                                    _axpy(out, o, wts[3], inp, a + row_stride + channels, count)
-                            c += count
+                        w00 = cast((1.0 - ly) * (1.0 - lx) * m)
+                        w01 = cast((1.0 - ly) * lx * m)
+                        w10 = cast(ly * (1.0 - lx) * m)
+                        w11 = cast(ly * lx * m)
+                        corner = image + (y0 * width + x0) * channels
+                        if y0 >= 0 and x0 >= 0 and y0 + 1 < height and x0 + 1 < width:
+                            for r in range(runs[g], runs[g + 1]):
+                                _blend4(out, base + dest[r], inp, corner + runs[_RUNS + 3 * r],
+                                        row_stride, channels, w00, w01, w10, w11,
+                                        runs[_RUNS + 3 * r + 1])  # fmt: skip
+                            continue
+                        # a corner outside the image counts as zero
+                        for r in range(runs[g], runs[g + 1]):
+                            o = base + dest[r]
+                            a = corner + runs[_RUNS + 3 * r]
+                            count = runs[_RUNS + 3 * r + 1]
+                            _fill(out, o, count)
+                            if y0 >= 0 and x0 >= 0:
+                                _axpy(out, o, w00, inp, a, count)
+                            if y0 >= 0 and x0 + 1 < width:
+                                _axpy(out, o, w01, inp, a + channels, count)
+                            if y0 + 1 < height and x0 >= 0:
+                                _axpy(out, o, w10, inp, a + row_stride, count)
+                            if y0 + 1 < height and x0 + 1 < width:
+                                _axpy(out, o, w11, inp, a + row_stride + channels, count)
 
 
 @njit(nogil=True, cache=True, fastmath=_FASTMATH)
-def _backward_offset(inp, off, msk, has_mask, geo, tile, lay, grad_cols, grad_off, grad_msk,
+def _backward_offset(inp, off, msk, has_mask, geo, runs, tile, lay, grad_cols, grad_off, grad_msk,
                      tap_corner, tap_weight, item_rows, chunk, chunks):  # fmt: skip
     """Phase 1 of the backward of ``_sample``, over this chunk's tile positions.
 
@@ -178,20 +212,19 @@ def _backward_offset(inp, off, msk, has_mask, geo, tile, lay, grad_cols, grad_of
     """
     height, width, channels = geo[_H], geo[_W], geo[_C]
     out_w, groups, kh, kw = geo[_OW], geo[_G], geo[_KH], geo[_KW]
+    sh, sw, ph, pw, dh, dw = geo[_SH], geo[_SW], geo[_PH], geo[_PW], geo[_DH], geo[_DW]
     plane = geo[_OH] * out_w
-    cw = geo[_CW]
-    cpg = channels // groups
     taps = kh * kw
     n0, r0, c0, nb, rb, wb = tile[0], tile[1], tile[2], tile[3], tile[4], tile[5]
-    s_row, s_wl, s_i, s_j, s_g = lay[0], lay[1], lay[2], lay[3], lay[4]
+    s_row, s_wl, s_i, s_j = lay[0], lay[1], lay[2], lay[3]
+    dest = _run_destinations(runs, lay[4], geo[_CW])
     row_stride = width * channels
-    cf = np.zeros(4, dtype=grad_cols.dtype)  # typed copies, so channel loops stay in the dtype
+    cast = grad_cols.dtype.type
     items = nb * rb
     for item in range(items * chunk // chunks, items * (chunk + 1) // chunks):
         nl = item // rb
-        rl = item - nl * rb
         n = n0 + nl
-        ho = r0 + rl
+        ho = r0 + item - nl * rb
         image = n * height * row_stride
         lowest = height
         highest = -2
@@ -199,14 +232,16 @@ def _backward_offset(inp, off, msk, has_mask, geo, tile, lay, grad_cols, grad_of
             wo = c0 + wl
             pos = ho * out_w + wo
             for i in range(kh):
+                y_base = ho * sh - ph + i * dh
                 for j in range(kw):
+                    x_base = wo * sw - pw + j * dw
                     k = i * kw + j
                     base = item * s_row + wl * s_wl + i * s_i + j * s_j
                     for g in range(groups):
                         t = ((item * wb + wl) * taps + k) * groups + g
                         gk = (n * groups + g) * taps + k
-                        y = ho * geo[_SH] - geo[_PH] + i * geo[_DH] + off[2 * gk * plane + pos]
-                        x = wo * geo[_SW] - geo[_PW] + j * geo[_DW] + off[(2 * gk + 1) * plane + pos]
+                        y = y_base + off[2 * gk * plane + pos]
+                        x = x_base + off[(2 * gk + 1) * plane + pos]
                         m = msk[gk * plane + pos] if has_mask else 1.0
                         # y == -1 exactly samples zero, but its one-sided derivative is not
                         # (torchvision's convention): keep it, as the reference does.
@@ -218,12 +253,9 @@ def _backward_offset(inp, off, msk, has_mask, geo, tile, lay, grad_cols, grad_of
                             continue
                         y0 = int(math.floor(y))
                         x0 = int(math.floor(x))
-                        cf[0] = y - y0
-                        cf[1] = x - x0
-                        cf[2] = 1.0 - (y - y0)
-                        ly = cf[0]
-                        lx = cf[1]
-                        hy = cf[2]
+                        ly = cast(y - y0)
+                        lx = cast(x - x0)
+                        hy = cast(1.0 - (y - y0))
                         ok00 = y0 >= 0 and x0 >= 0
                         ok01 = y0 >= 0 and x0 + 1 < width
                         ok10 = y0 + 1 < height and x0 >= 0
@@ -236,17 +268,16 @@ def _backward_offset(inp, off, msk, has_mask, geo, tile, lay, grad_cols, grad_of
                         tap_weight[4 * t + 1] = (1.0 - (y - y0)) * (x - x0) * m if ok01 else 0.0
                         tap_weight[4 * t + 2] = (y - y0) * (1.0 - (x - x0)) * m if ok10 else 0.0
                         tap_weight[4 * t + 3] = (y - y0) * (x - x0) * m if ok11 else 0.0
-                        interior = ok00 and ok11
-                        acc_y = cf[3]
-                        acc_x = cf[3]
-                        acc_m = cf[3]
-                        c = g * cpg
-                        while c < (g + 1) * cpg:  # runs of channels within one weight group
-                            gw = c // cw
-                            count = min((g + 1) * cpg, (gw + 1) * cw) - c
-                            src = np.uint64(base + gw * s_g + c - gw * cw)
-                            a = image + (y0 * width + x0) * channels + c
-                            if interior:
+                        zero = cast(0.0)
+                        acc_y = zero
+                        acc_x = zero
+                        acc_m = zero
+                        corner = image + (y0 * width + x0) * channels
+                        for r in range(runs[g], runs[g + 1]):
+                            src = np.uint64(base + dest[r])
+                            a = corner + runs[_RUNS + 3 * r]
+                            count = runs[_RUNS + 3 * r + 1]
+                            if ok00 and ok11:  # interior: all four corners inside
                                 a00 = np.uint64(a)
                                 a01 = np.uint64(a + channels)
                                 a10 = np.uint64(a + row_stride)
@@ -262,19 +293,18 @@ def _backward_offset(inp, off, msk, has_mask, geo, tile, lay, grad_cols, grad_of
                                     acc_m += ge * (top + ly * (bottom - top))
                                     acc_y += ge * (bottom - top)
                                     acc_x += ge * (hy * (vb - va) + ly * (vd - vc))
-                            else:
-                                for cc in range(count):
-                                    ge = grad_cols[src + np.uint64(cc)]
-                                    va = inp[a + cc] if ok00 else cf[3]
-                                    vb = inp[a + channels + cc] if ok01 else cf[3]
-                                    vc = inp[a + row_stride + cc] if ok10 else cf[3]
-                                    vd = inp[a + row_stride + channels + cc] if ok11 else cf[3]
-                                    top = va + lx * (vb - va)
-                                    bottom = vc + lx * (vd - vc)
-                                    acc_m += ge * (top + ly * (bottom - top))
-                                    acc_y += ge * (bottom - top)
-                                    acc_x += ge * (hy * (vb - va) + ly * (vd - vc))
-                            c += count
+                                continue
+                            for cc in range(count):
+                                ge = grad_cols[src + np.uint64(cc)]
+                                va = inp[a + cc] if ok00 else zero
+                                vb = inp[a + channels + cc] if ok01 else zero
+                                vc = inp[a + row_stride + cc] if ok10 else zero
+                                vd = inp[a + row_stride + channels + cc] if ok11 else zero
+                                top = va + lx * (vb - va)
+                                bottom = vc + lx * (vd - vc)
+                                acc_m += ge * (top + ly * (bottom - top))
+                                acc_y += ge * (bottom - top)
+                                acc_x += ge * (hy * (vb - va) + ly * (vd - vc))
                         grad_off[2 * gk * plane + pos] = acc_y * m
                         grad_off[(2 * gk + 1) * plane + pos] = acc_x * m
                         grad_msk[gk * plane + pos] = acc_m
@@ -283,8 +313,8 @@ def _backward_offset(inp, off, msk, has_mask, geo, tile, lay, grad_cols, grad_of
 
 
 @njit(nogil=True, cache=True, fastmath=_FASTMATH)
-def _backward_input(geo, tile, lay, grad_cols, tap_corner, tap_weight, item_rows, grad_inp, chunk,
-                    chunks):  # fmt: skip
+def _backward_input(geo, runs, tile, lay, grad_cols, tap_corner, tap_weight, item_rows, grad_inp,
+                    chunk, chunks):  # fmt: skip
     """Phase 2: scatter dL/d(samples) into the input gradient (flat [N, H, W, C]).
 
     The chunk owns a band of input rows of the tile's images and walks every tap in order,
@@ -293,11 +323,10 @@ def _backward_input(geo, tile, lay, grad_cols, tap_corner, tap_weight, item_rows
     """
     height, width, channels = geo[_H], geo[_W], geo[_C]
     groups, kh, kw = geo[_G], geo[_KH], geo[_KW]
-    cw = geo[_CW]
-    cpg = channels // groups
     taps = kh * kw
     n0, nb, rb, wb = tile[0], tile[3], tile[4], tile[5]
-    s_row, s_wl, s_i, s_j, s_g = lay[0], lay[1], lay[2], lay[3], lay[4]
+    s_row, s_wl, s_i, s_j = lay[0], lay[1], lay[2], lay[3]
+    dest = _run_destinations(runs, lay[4], geo[_CW])
     rows = nb * height  # rows of the tile's images, numbered (nl * H + y)
     lo = rows * chunk // chunks
     hi = rows * (chunk + 1) // chunks
@@ -321,21 +350,16 @@ def _backward_input(geo, tile, lay, grad_cols, tap_corner, tap_weight, item_rows
                             continue
                         x0 = tap_corner[2 * t + 1]
                         for dy in range(2):
-                            r = first + y0 + dy
-                            if r < lo or r >= hi:
+                            if first + y0 + dy < lo or first + y0 + dy >= hi:
                                 continue
                             for dx in range(2):
                                 w = tap_weight[4 * t + 2 * dy + dx]
                                 if w == 0.0:  # also every corner outside the image
                                     continue
-                                dst0 = image + ((y0 + dy) * width + x0 + dx) * channels
-                                c = g * cpg
-                                while c < (g + 1) * cpg:  # runs within one weight group
-                                    gw = c // cw
-                                    count = min((g + 1) * cpg, (gw + 1) * cw) - c
-                                    _axpy(grad_inp, dst0 + c, w, grad_cols,
-                                          base + gw * s_g + c - gw * cw, count)  # fmt: skip
-                                    c += count
+                                corner = image + ((y0 + dy) * width + x0 + dx) * channels
+                                for r in range(runs[g], runs[g + 1]):
+                                    _axpy(grad_inp, corner + runs[_RUNS + 3 * r], w, grad_cols,
+                                          base + dest[r], runs[_RUNS + 3 * r + 1])  # fmt: skip
 
 
 def _tiles(batch, out_h, out_w, bytes_per_position, budget):
@@ -372,6 +396,7 @@ class _Problem:
         self.dtype = input.dtype
         groups = offset.shape[1] // (2 * self.taps)
         self.offset_groups = groups
+        self.runs = _channel_runs(channels, groups, self.cw)
         self.geo = np.array([batch, height, width, channels, self.out_h, self.out_w, groups,
                              self.kh, self.kw, *stride, *padding, *dilation, self.cw],
                             dtype=np.int64)  # fmt: skip
@@ -385,8 +410,9 @@ class _Problem:
 
     def sample(self, tile, shape, layout):
         """Samples of one tile into a reused buffer of ``shape``, laid out as ``layout``."""
-        out = _scratch("samples", math.prod(shape), self.dtype)
-        run_chunked(_sample, num_chunks(tile[3] * tile[4]), *self.sources, self.geo,
+        numel = math.prod(shape)
+        out = _scratch("samples", numel, self.dtype)
+        run_chunked(_sample, num_chunks(tile[3] * tile[4], numel), *self.sources, self.geo, self.runs,
                     np.array(tile, dtype=np.int64), layout, out.numpy())  # fmt: skip
         return out.view(shape)
 
@@ -459,11 +485,11 @@ def backward(grad_out, input, offset, weight, stride, padding, dilation, mask, n
         tap_corner = np.empty(2 * tap_count, dtype=np.int64)
         tap_weight = np.empty(4 * tap_count, dtype=gc_np.dtype)
         item_rows = np.empty(2 * nb * rb, dtype=np.int64)
-        run_chunked(_backward_offset, num_chunks(nb * rb), *p.sources, p.geo, tile_np, layout,
+        run_chunked(_backward_offset, num_chunks(nb * rb, gc.numel()), *p.sources, p.geo, p.runs, tile_np, layout,
                     gc_np, grad_offset.numpy().reshape(-1), grad_mask.numpy().reshape(-1),
                     tap_corner, tap_weight, item_rows)  # fmt: skip
         if need_input:
-            run_chunked(_backward_input, num_chunks(nb * p.geo[1]), p.geo, tile_np, layout,
+            run_chunked(_backward_input, num_chunks(nb * p.geo[1], gc.numel()), p.geo, p.runs, tile_np, layout,
                         gc_np, tap_corner, tap_weight, item_rows,
                         grad_inp.numpy().reshape(-1))  # fmt: skip
     grad_input = grad_inp.permute(0, 3, 1, 2).contiguous() if need_input else None

@@ -33,8 +33,15 @@ def num_threads() -> int:
     return max(1, torch.get_num_threads())
 
 
-def num_chunks(work_items: int, per_thread: int = 4) -> int:
+#: Below this many elementary operations a kernel runs in one chunk on the calling thread:
+#: waking a pool thread costs more than it saves.
+SERIAL_WORK = 1 << 16
+
+
+def num_chunks(work_items: int, total_work: int, per_thread: int = 4) -> int:
     """A partition of ``work_items`` into a few chunks per thread (at least one item each)."""
+    if total_work < SERIAL_WORK:
+        return 1
     return max(1, min(work_items, per_thread * num_threads()))
 
 
