@@ -363,24 +363,31 @@ def _backward_input(geo, runs, tile, lay, grad_cols, tap_corner, tap_weight, ite
 
 
 def _tiles(batch, out_h, out_w, bytes_per_position, budget):
-    """Split (batch, rows, columns) of the output into tiles of at most ``budget`` bytes."""
+    """Split (batch, rows, columns) of the output into tiles of at most ``budget`` bytes.
+
+    Tiles are as even as the budget allows (a 50-row map in two tiles is 25 + 25, not 43 + 7):
+    the GEMM runs best on tiles of one size.
+    """
     row_bytes = out_w * bytes_per_position
     image_bytes = out_h * row_bytes
     if image_bytes <= budget:
-        nb = max(1, budget // max(image_bytes, 1))
-        for n0 in range(0, batch, nb):
-            yield n0, 0, 0, min(nb, batch - n0), out_h, out_w
+        per_tile = max(1, budget // max(image_bytes, 1))
+        per_tile = -(-batch // -(-batch // per_tile)) if batch else 1  # even split
+        for n0 in range(0, batch, per_tile):
+            yield n0, 0, 0, min(per_tile, batch - n0), out_h, out_w
     elif row_bytes <= budget:
-        rb = budget // row_bytes
+        rows = budget // row_bytes
+        rows = -(-out_h // -(-out_h // rows))
         for n0 in range(batch):
-            for r0 in range(0, out_h, rb):
-                yield n0, r0, 0, 1, min(rb, out_h - r0), out_w
+            for r0 in range(0, out_h, rows):
+                yield n0, r0, 0, 1, min(rows, out_h - r0), out_w
     else:
-        wb = max(1, budget // bytes_per_position)
+        cols = max(1, budget // bytes_per_position)
+        cols = -(-out_w // -(-out_w // cols))
         for n0 in range(batch):
             for r0 in range(out_h):
-                for c0 in range(0, out_w, wb):
-                    yield n0, r0, c0, 1, 1, min(wb, out_w - c0)
+                for c0 in range(0, out_w, cols):
+                    yield n0, r0, c0, 1, 1, min(cols, out_w - c0)
 
 
 class _Problem:
