@@ -65,7 +65,8 @@ def deform_conv2d(
     Returns:
         Tensor[batch_size, out_channels, out_height, out_width]: the result of the convolution.
 
-    Every input (input, offset, weight, bias, mask) gets a gradient. float32 and float64 are
+    Every input (input, offset, weight, bias, mask) gets a gradient (first order: the backward is
+    not itself differentiable, and asking for a second derivative raises). float32 and float64 are
     computed natively; float16 and bfloat16 in float32 and returned in the input dtype. On the
     CPU a multithreaded kernel runs (deterministic, memory bounded per tile); on any other
     device the pure-PyTorch reference (:func:`deformable.ops.reference.deform_conv2d`).
