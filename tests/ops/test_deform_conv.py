@@ -220,7 +220,8 @@ def test_half_precision_computed_in_float32(dtype):
     batch=st.integers(1, 3),
     channels_per_group=st.integers(1, 5),
     offset_groups=st.integers(1, 3),
-    out_channels=st.integers(1, 5),
+    weight_groups=st.integers(1, 2),
+    out_per_group=st.integers(1, 4),
     kernel=st.tuples(st.integers(1, 4), st.integers(1, 4)),
     stride=st.tuples(st.integers(1, 3), st.integers(1, 3)),
     padding=st.tuples(st.integers(0, 2), st.integers(0, 2)),
@@ -231,15 +232,18 @@ def test_half_precision_computed_in_float32(dtype):
     seed=st.integers(0, 2**31 - 1),
 )
 def test_property_fast_kernel_matches_reference(batch, channels_per_group, offset_groups,
-                                                out_channels, kernel, stride, padding, dilation,
-                                                extra, offset_scale, modulated, seed):  # fmt: skip
+                                                weight_groups, out_per_group, kernel, stride,
+                                                padding, dilation, extra, offset_scale, modulated,
+                                                seed):  # fmt: skip
     torch.manual_seed(seed)
     kh, kw = kernel
     height = max(1, dilation[0] * (kh - 1) + 1 - 2 * padding[0]) + extra[0]
     width = max(1, dilation[1] * (kw - 1) + 1 - 2 * padding[1]) + extra[1]
-    args = make(batch=batch, channels=channels_per_group * offset_groups, height=height,
-                width=width, out_channels=out_channels, kernel=kernel, stride=stride,
-                padding=padding, dilation=dilation, weight_groups=1, offset_groups=offset_groups,
+    # channels split by offset groups and weight groups independently (runs cross both)
+    args = make(batch=batch, channels=channels_per_group * offset_groups * weight_groups,
+                height=height, width=width, out_channels=out_per_group * weight_groups,
+                kernel=kernel, stride=stride, padding=padding, dilation=dilation,
+                weight_groups=weight_groups, offset_groups=offset_groups,
                 offset_scale=offset_scale, modulated=modulated)  # fmt: skip
     out, grads, grad_out = grads_of(deform_conv2d, args)
     expected, expected_grads, _ = grads_of(reference.deform_conv2d, args, grad_out)
