@@ -1,0 +1,5 @@
+"""Bundled and generated data sets (no downloads)."""
+
+from deformable.data.digits import DigitTransforms, TransformedDigits
+
+__all__ = ["DigitTransforms", "TransformedDigits"]
