@@ -1,0 +1,200 @@
+"""Speed of deformable RoI pooling against torchvision's RoIAlign, measured in one run.
+
+    python -m deformable.bench_roi [--repeats 7] [--quick] [--json PATH]
+
+Detector-sized work: 512 RoIs on the stride-16 map of an 800 x 1344 image (50 x 84), 7 x 7 bins,
+``sampling_ratio=2``, ``spatial_scale=1/16``; boxes of 16 to 400 pixels, uniformly placed.
+
+- ``roi``: 256 channels; ``deform_roi_pool`` with offsets (v1) and with offsets and masks (v2)
+  against ``torchvision.ops.roi_align``.
+- ``ps``: the position-sensitive score maps of R-FCN's classifier for PASCAL VOC, 21 classes x
+  7 x 7 = 1029 channels; ``deform_ps_roi_pool`` with class-aware offsets ``[K, 2 * 21, 7, 7]``
+  (deformable R-FCN) against ``torchvision.ops.ps_roi_align``.
+- ``fpn``: an FPN pyramid P2-P5 (200 x 336 ... 25 x 42, 256 channels), each RoI pooled from the
+  level chosen by its size (torchvision's ``LevelMapper``, canonical 224 / level 4), as
+  ``MultiScaleRoIAlign`` does; ``deform_roi_pool`` with offsets against ``roi_align``, level by
+  level.
+
+Every time is the median of ``--repeats`` runs after a warm-up, ours and torchvision's taking
+turns; "fwd+bwd" is forward and backward with gradients for the input (and the offsets /
+masks); ratios are against torchvision's twin timed in the same run. Targets (issue 3):
+fwd+bwd with offsets <= 1.5x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+
+import torch
+
+from deformable.ops.deform_roi_pool import deform_ps_roi_pool, deform_roi_pool
+
+FULL = dict(boxes=512, channels=256, classes=21, bins=7, height=50, width=84, stride=16)
+QUICK = dict(boxes=12, channels=8, classes=3, bins=3, height=10, width=14, stride=16)
+FPN_STRIDES = (4, 8, 16, 32)
+SAMPLING_RATIO = 2
+
+
+def median_ms(fns: dict, repeats: int) -> dict:
+    """Median time in ms of each function; the functions take turns in every repeat, so a
+    change of machine load during the run weighs on all of them alike."""
+    for fn in fns.values():
+        fn()  # warm-up: compilation, allocator, caches
+    times: dict = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+
+
+def random_boxes(count: int, image_h: int, image_w: int, generator) -> torch.Tensor:
+    """``[count, 5]`` boxes (batch index 0) of 16 to 400 pixels, inside the image."""
+    size = 16 + torch.rand(count, 2, generator=generator) * 384
+    size = torch.minimum(size, torch.tensor([image_w - 1.0, image_h - 1.0]))
+    corner = torch.rand(count, 2, generator=generator) * (torch.tensor([image_w, image_h]) - size)
+    return torch.cat([torch.zeros(count, 1), corner, corner + size], 1)
+
+
+def _time_pair(name, ours, theirs, leaves, repeats):
+    """Forward and forward+backward of both; ``leaves`` makes fresh differentiable inputs."""
+    row: dict = {"case": name}
+
+    def fwd_bwd(fn):
+        def run():
+            tensors = leaves()
+            out = fn(*tensors)
+            out.backward(torch.ones_like(out))
+        return run
+
+    with torch.no_grad():
+        fwd = median_ms({"torchvision": lambda: theirs(*leaves(False)),
+                         "ours": lambda: ours(*leaves(False))}, repeats)  # fmt: skip
+    both = median_ms({"torchvision": fwd_bwd(theirs), "ours": fwd_bwd(ours)}, repeats)
+    for name in ("torchvision", "ours"):
+        row[f"{name}_fwd_ms"] = fwd[name]
+        row[f"{name}_fwdbwd_ms"] = both[name]
+    row["fwd_x"] = row["ours_fwd_ms"] / row["torchvision_fwd_ms"]
+    row["fwdbwd_x"] = row["ours_fwdbwd_ms"] / row["torchvision_fwdbwd_ms"]
+    return row
+
+
+def bench_roi(cfg, repeats, modulated):
+    import torchvision
+
+    g = torch.Generator().manual_seed(0)
+    k, c, b, scale = cfg["boxes"], cfg["channels"], cfg["bins"], 1.0 / cfg["stride"]
+    x = torch.randn(1, c, cfg["height"], cfg["width"], generator=g)
+    boxes = random_boxes(k, cfg["height"] * cfg["stride"], cfg["width"] * cfg["stride"], g)
+    offset = torch.randn(k, 2, b, b, generator=g)
+    mask = torch.rand(k, 1, b, b, generator=g)
+
+    def leaves(grad=True):
+        return [t.clone().requires_grad_(grad) for t in (x, offset, mask)]
+
+    def ours(x, offset, mask):
+        return deform_roi_pool(x, boxes, b, scale, SAMPLING_RATIO, offset=offset,
+                               mask=mask if modulated else None)  # fmt: skip
+
+    def theirs(x, offset, mask):
+        return torchvision.ops.roi_align(x, boxes, b, scale, SAMPLING_RATIO)
+
+    name = "roi, offsets + masks (v2)" if modulated else "roi, offsets (v1)"
+    return _time_pair(name, ours, theirs, leaves, repeats)
+
+
+def bench_ps(cfg, repeats):
+    import torchvision
+
+    g = torch.Generator().manual_seed(1)
+    k, classes, b, scale = cfg["boxes"], cfg["classes"], cfg["bins"], 1.0 / cfg["stride"]
+    x = torch.randn(1, classes * b * b, cfg["height"], cfg["width"], generator=g)
+    boxes = random_boxes(k, cfg["height"] * cfg["stride"], cfg["width"] * cfg["stride"], g)
+    offset = torch.randn(k, 2 * classes, b, b, generator=g)
+
+    def leaves(grad=True):
+        return [t.clone().requires_grad_(grad) for t in (x, offset)]
+
+    def ours(x, offset):
+        return deform_ps_roi_pool(x, boxes, b, scale, SAMPLING_RATIO, offset=offset)
+
+    def theirs(x, offset):
+        return torchvision.ops.ps_roi_align(x, boxes, b, scale, SAMPLING_RATIO)
+
+    return _time_pair("ps, class-aware offsets", ours, theirs, leaves, repeats)
+
+
+def bench_fpn(cfg, repeats):
+    import torchvision
+    from torchvision.ops.poolers import LevelMapper
+
+    g = torch.Generator().manual_seed(2)
+    k, c, b = cfg["boxes"], cfg["channels"], cfg["bins"]
+    image_h, image_w = cfg["height"] * cfg["stride"], cfg["width"] * cfg["stride"]
+    features = [torch.randn(1, c, image_h // s, image_w // s, generator=g) for s in FPN_STRIDES]
+    boxes = random_boxes(k, image_h, image_w, g)
+    levels = LevelMapper(2, 5)([boxes[:, 1:]])
+    groups = [torch.where(levels == i)[0] for i in range(len(FPN_STRIDES))]
+    offset = torch.randn(k, 2, b, b, generator=g)
+
+    def leaves(grad=True):
+        return [t.clone().requires_grad_(grad) for t in (*features, offset)]
+
+    def multilevel(pool):
+        def run(*tensors):
+            *maps, off = tensors
+            out = maps[0].new_zeros(k, c, b, b)
+            for level, (index, stride) in enumerate(zip(groups, FPN_STRIDES)):
+                out = out.index_copy(0, index, pool(maps[level], boxes[index], 1.0 / stride,
+                                                    off[index]))  # fmt: skip
+            return out
+        return run
+
+    ours = multilevel(lambda m, bx, s, off: deform_roi_pool(m, bx, b, s, SAMPLING_RATIO,
+                                                            offset=off))  # fmt: skip
+    theirs = multilevel(lambda m, bx, s, off: torchvision.ops.roi_align(m, bx, b, s,
+                                                                        SAMPLING_RATIO))  # fmt: skip
+    return _time_pair("fpn P2-P5, offsets (v1)", ours, theirs, leaves, repeats)
+
+
+def markdown(rows) -> str:
+    lines = ["| case | torchvision fwd ms | ours fwd ms | fwd ratio | torchvision fwd+bwd ms "
+             "| ours fwd+bwd ms | fwd+bwd ratio |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        lines.append(f"| {r['case']} | {r['torchvision_fwd_ms']:.2f} | {r['ours_fwd_ms']:.2f} | "
+                     f"{r['fwd_x']:.2f}x | {r['torchvision_fwdbwd_ms']:.2f} | "
+                     f"{r['ours_fwdbwd_ms']:.2f} | {r['fwdbwd_x']:.2f}x |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m deformable.bench_roi",
+                                     description=__doc__.split("\n\n")[0])  # fmt: skip
+    parser.add_argument("--repeats", type=int, default=7, help="timed runs per measurement (median)")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, for a smoke run")
+    parser.add_argument("--json", metavar="PATH", help="also write the measurements as JSON")
+    args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error("--repeats must be >= 1")
+    cfg = QUICK if args.quick else FULL
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of "
+          f"{args.repeats}; ratios against torchvision in this run", file=sys.stderr)
+    rows = [bench_roi(cfg, args.repeats, False), bench_roi(cfg, args.repeats, True),
+            bench_ps(cfg, args.repeats), bench_fpn(cfg, args.repeats)]  # fmt: skip
+    for r in rows:
+        print(f"  {r['case']}: fwd {r['fwd_x']:.2f}x, fwd+bwd {r['fwdbwd_x']:.2f}x", file=sys.stderr)
+    print(markdown(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+    return 0 if all(math.isfinite(r["fwdbwd_x"]) for r in rows) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
