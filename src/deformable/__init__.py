@@ -1,9 +1,10 @@
 """deformable: Deformable ConvNets v1 and v2 for PyTorch.
 
-``deformable.ops`` holds the differentiable operators, ``deformable.nn`` the layers built on them.
+``deformable.ops`` holds the differentiable operators, ``deformable.nn`` the layers built on them,
+``deformable.models`` the backbones and networks built from the layers.
 """
 
-from deformable import nn, ops
+from deformable import models, nn, ops
 
 __version__ = "0.1.0"
-__all__ = ["nn", "ops", "__version__"]
+__all__ = ["models", "nn", "ops", "__version__"]

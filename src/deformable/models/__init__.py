@@ -1,0 +1,25 @@
+"""Networks built on :mod:`deformable.nn`: ResNets with a per-stage deformable switch (loading
+torchvision's weights), an FPN backbone for torchvision's detectors, and DeepLabV3
+(:mod:`deformable.models.segmentation`)."""
+
+from deformable.models import segmentation
+from deformable.models.resnet import (
+    DeformResNet,
+    load_torchvision_state_dict,
+    resnet18,
+    resnet34,
+    resnet50,
+    resnet101,
+    resnet_fpn_backbone,
+)
+
+__all__ = [
+    "DeformResNet",
+    "load_torchvision_state_dict",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet_fpn_backbone",
+    "segmentation",
+]
