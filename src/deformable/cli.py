@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
+
+#: command -> (module with a main(argv) function, one-line description)
+COMMANDS = {
+    "demo": ("deformable.demo", "train regular / DCNv1 / DCNv2 / STN on transformed digits, write a report"),
+    "bench": ("deformable.bench", "speed and memory of the operators against their anchors"),
+}
 
 
 def main(argv=None) -> int:
@@ -13,14 +20,12 @@ def main(argv=None) -> int:
         description="Deformable ConvNets v1/v2 for PyTorch.",
         epilog="Run 'deformable COMMAND --help' for a command's options.",
     )
-    parser.add_argument("command", choices=["bench"], help="bench: speed and memory of the operators")
+    parser.add_argument("command", choices=list(COMMANDS),
+                        help="; ".join(f"{name}: {text}" for name, (_, text) in COMMANDS.items()))
     parser.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     parsed = parser.parse_args(argv[:1])
-    if parsed.command == "bench":
-        from deformable import bench
-
-        return bench.main(argv[1:])
-    return 2  # unreachable: argparse rejects other commands
+    module = importlib.import_module(COMMANDS[parsed.command][0])
+    return module.main(argv[1:])
 
 
 if __name__ == "__main__":
