@@ -20,3 +20,11 @@ def test_bench_help_through_the_installed_entry_point():
                             capture_output=True, text=True, timeout=120)  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "--repeats" in result.stdout
+
+
+def test_every_command_has_a_main():
+    import importlib
+
+    for name, (module, description) in cli.COMMANDS.items():
+        assert callable(importlib.import_module(module).main), name
+        assert description

@@ -17,6 +17,7 @@ import argparse
 import gc
 import json
 import math
+import os
 import re
 import statistics
 import sys
@@ -33,14 +34,23 @@ SHAPES = [(2, 64, 64, 56, 56), (2, 128, 128, 28, 28), (2, 256, 256, 14, 14), (2,
 QUICK_SHAPES = [(1, 8, 8, 12, 12), (2, 16, 8, 9, 7)]
 
 
-def median_ms(fn, repeats: int) -> float:
-    fn()  # warm-up: compilation, allocator, caches
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+def median_ms(fns: dict, repeats: int) -> dict:
+    """Median time (ms) of each function over ``repeats`` runs after a warm-up.
+
+    One function at a time, not in turns: torch's OpenMP workers and onnxruntime's pool spin
+    for a while after each parallel region, so a function run right after another one's would
+    be charged for its neighbour's spinning threads.
+    """
+    result = {}
+    for name, fn in fns.items():
+        fn()  # warm-up: compilation, allocator, caches
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        result[name] = statistics.median(times) * 1e3
+    return result
 
 
 def _status_kib(field: str) -> int | None:
@@ -113,46 +123,90 @@ def _onnxruntime_deform_conv(x, weight, offset, padding):
     return lambda: session.run(None, feeds)
 
 
-def bench_shape(shape, repeats: int, torchvision_too: bool = True) -> dict:
-    import torchvision
+class _Case:
+    """The tensors and implementations of one shape."""
 
-    n, cin, cout, h, w = shape
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(n, cin, h, w, generator=g)
-    weight = torch.randn(cout, cin, 3, 3, generator=g) / math.sqrt(cin * 9)
-    offset = torch.randn(n, 18, h, w, generator=g) * 2.0
-    grad = torch.randn(n, cout, h, w, generator=g)
+    def __init__(self, shape, torchvision_too: bool):
+        import torchvision
+
+        n, cin, cout, h, w = shape
+        g = torch.Generator().manual_seed(0)
+        self.shape = shape
+        self.x = torch.randn(n, cin, h, w, generator=g)
+        self.weight = torch.randn(cout, cin, 3, 3, generator=g) / math.sqrt(cin * 9)
+        self.offset = torch.randn(n, 18, h, w, generator=g) * 2.0
+        self.grad = torch.randn(n, cout, h, w, generator=g)
+        self.impls = {
+            "conv2d": lambda x, off, w: F.conv2d(x, w, padding=1),
+            "ours": lambda x, off, w: deform_conv2d(x, off, w, padding=1),
+        }
+        if torchvision_too:
+            self.impls["torchvision"] = lambda x, off, w: torchvision.ops.deform_conv2d(
+                x, off, w, padding=1)  # fmt: skip
+
+    def forward(self, name):
+        with torch.no_grad():
+            return self.impls[name](self.x, self.offset, self.weight)
+
+    def forward_backward(self, name):
+        leaves = [t.clone().requires_grad_() for t in (self.x, self.offset, self.weight)]
+        self.impls[name](*leaves).backward(self.grad)
+        return leaves
+
+
+def _onnxruntime_ms(shape, repeats: int) -> float | None:
+    """onnxruntime's DeformConv forward on the same tensors, timed in a separate process.
+
+    A live onnxruntime session's threads slow torch's own convolutions down (measured here:
+    2.2 ms -> 6.3 ms for one conv), so it never shares a process with the other timings.
+    """
+    import subprocess
+
+    code = (
+        "import sys, json, torch; from deformable import bench; "
+        f"case = bench._Case({tuple(shape)!r}, False); "
+        "run = bench._onnxruntime_deform_conv(case.x, case.weight, case.offset, 1); "
+        f"print(json.dumps(None if run is None else bench.median_ms({{'ort': run}}, {repeats})['ort']))"
+    )
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                            timeout=600)  # fmt: skip
+    if result.returncode != 0:
+        raise RuntimeError(f"the onnxruntime timing failed:\n{result.stderr}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def time_shape(shape, repeats: int, torchvision_too: bool = True) -> dict:
+    """Forward and forward+backward times of every implementation, and their ratios."""
+    case = _Case(shape, torchvision_too)
     row: dict = {"shape": list(shape)}
-
-    def leaves():
-        return [t.clone().requires_grad_() for t in (x, offset, weight)]
-
-    def forward_backward(fn):
-        xr, offr, wr = leaves()
-        fn(xr, offr, wr).backward(grad)
-        return xr, offr, wr
-
-    conv = lambda xr, offr, wr: F.conv2d(xr, wr, padding=1)  # noqa: E731
-    ours = lambda xr, offr, wr: deform_conv2d(xr, offr, wr, padding=1)  # noqa: E731
-    tv = lambda xr, offr, wr: torchvision.ops.deform_conv2d(xr, offr, wr, padding=1)  # noqa: E731
-    impls = {"conv2d": conv, "ours": ours}
-    if torchvision_too:
-        impls["torchvision"] = tv
-    with torch.no_grad():
-        for name, fn in impls.items():
-            row[f"{name}_fwd_ms"] = median_ms(lambda: fn(x, offset, weight), repeats)
-    for name, fn in impls.items():
-        row[f"{name}_fwdbwd_ms"] = median_ms(lambda: forward_backward(fn), repeats)
-    ort_run = _onnxruntime_deform_conv(x, weight, offset, 1)
-    if ort_run is not None:
-        row["onnxruntime_fwd_ms"] = median_ms(ort_run, repeats)
-    accounted = 4 * (grad.numel() + x.numel() + offset.numel() + weight.numel())  # out + grads
-    for name in ("ours", "torchvision") if torchvision_too else ("ours",):
-        row[f"{name}_extra_mib"] = peak_extra_mib(lambda: forward_backward(impls[name]), accounted)
+    forward = {name: (lambda name=name: case.forward(name)) for name in case.impls}
+    for name, ms in median_ms(forward, repeats).items():
+        row[f"{name}_fwd_ms"] = ms
+    both = {name: (lambda name=name: case.forward_backward(name)) for name in case.impls}
+    for name, ms in median_ms(both, repeats).items():
+        row[f"{name}_fwdbwd_ms"] = ms
+    ms = _onnxruntime_ms(shape, repeats)
+    if ms is not None:
+        row["onnxruntime_fwd_ms"] = ms
     for key in [k for k in row if k.endswith("_ms") and not k.startswith("conv2d")]:
         anchor = "conv2d_fwd_ms" if key.endswith("_fwd_ms") else "conv2d_fwdbwd_ms"
         row[key.replace("_ms", "_x")] = row[key] / row[anchor]
     return row
+
+
+def memory_shape(shape, torchvision_too: bool = True) -> dict:
+    """Peak memory beyond inputs, outputs and gradients of one forward+backward (MiB).
+
+    Run after every timing: it switches glibc to returning freed blocks at once, which slows
+    the allocations of everything that runs afterwards.
+    """
+    case = _Case(shape, torchvision_too)
+    x, offset, weight, grad = case.x, case.offset, case.weight, case.grad
+    accounted = x.element_size() * (grad.numel() + x.numel() + offset.numel() + weight.numel())
+    names = ("ours", "torchvision") if torchvision_too else ("ours",)
+    return {f"{name}_extra_mib": peak_extra_mib(lambda name=name: case.forward_backward(name),
+                                                accounted) for name in names}  # fmt: skip
 
 
 def geometric_mean(values):
@@ -201,9 +255,11 @@ def main(argv=None) -> int:
           f"{args.repeats}; ratios against F.conv2d in this run", file=sys.stderr)
     rows = []
     for shape in shapes:
-        rows.append(bench_shape(shape, args.repeats, not args.no_torchvision))
+        rows.append(time_shape(shape, args.repeats, not args.no_torchvision))
         print(f"  {shape}: ours fwd {rows[-1]['ours_fwd_x']:.2f}x, fwd+bwd "
               f"{rows[-1]['ours_fwdbwd_x']:.2f}x", file=sys.stderr)
+    for row, shape in zip(rows, shapes):
+        row.update(memory_shape(shape, not args.no_torchvision))
     print(markdown(rows))
     if args.json:
         with open(args.json, "w") as f:

@@ -15,8 +15,8 @@ Detector-sized work: 512 RoIs on the stride-16 map of an 800 x 1344 image (50 x 
   ``MultiScaleRoIAlign`` does; ``deform_roi_pool`` with offsets against ``roi_align``, level by
   level.
 
-Every time is the median of ``--repeats`` runs after a warm-up, ours and torchvision's taking
-turns; "fwd+bwd" is forward and backward with gradients for the input (and the offsets /
+Every time is the median of ``--repeats`` runs after a warm-up (one implementation after the
+other, see :func:`deformable.bench.median_ms`); "fwd+bwd" is forward and backward with gradients for the input (and the offsets /
 masks); ratios are against torchvision's twin timed in the same run. Targets (issue 3):
 fwd+bwd with offsets <= 1.5x.
 """
@@ -26,32 +26,17 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import sys
-import time
 
 import torch
 
+from deformable.bench import median_ms
 from deformable.ops.deform_roi_pool import deform_ps_roi_pool, deform_roi_pool
 
 FULL = dict(boxes=512, channels=256, classes=21, bins=7, height=50, width=84, stride=16)
 QUICK = dict(boxes=12, channels=8, classes=3, bins=3, height=10, width=14, stride=16)
 FPN_STRIDES = (4, 8, 16, 32)
 SAMPLING_RATIO = 2
-
-
-def median_ms(fns: dict, repeats: int) -> dict:
-    """Median time in ms of each function; the functions take turns in every repeat, so a
-    change of machine load during the run weighs on all of them alike."""
-    for fn in fns.values():
-        fn()  # warm-up: compilation, allocator, caches
-    times: dict = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
 def random_boxes(count: int, image_h: int, image_w: int, generator) -> torch.Tensor:
@@ -174,7 +159,7 @@ def markdown(rows) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m deformable.bench_roi",
+    parser = argparse.ArgumentParser(prog="deformable bench-roi",
                                      description=__doc__.split("\n\n")[0])  # fmt: skip
     parser.add_argument("--repeats", type=int, default=7, help="timed runs per measurement (median)")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, for a smoke run")

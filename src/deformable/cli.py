@@ -9,7 +9,8 @@ import sys
 #: command -> (module with a main(argv) function, one-line description)
 COMMANDS = {
     "demo": ("deformable.demo", "train regular / DCNv1 / DCNv2 / STN on transformed digits, write a report"),
-    "bench": ("deformable.bench", "speed and memory of the operators against their anchors"),
+    "bench": ("deformable.bench", "speed and memory of deform_conv2d against its anchors"),
+    "bench-roi": ("deformable.bench_roi", "speed of deformable RoI pooling against RoIAlign"),
 }
 
 

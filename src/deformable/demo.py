@@ -85,7 +85,7 @@ class DigitNet(nn.Module):
 class DemoConfig:
     epochs: int = 8
     seeds: int = 3
-    copies: int = 4
+    copies: int = 3
     batch_size: int = 64
     lr: float = 2e-3
     weight_decay: float = 1e-4
@@ -372,7 +372,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, help=f"seeds per variant (default {DemoConfig.seeds})")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    config = DemoConfig(epochs=2, seeds=1, copies=1) if args.quick else DemoConfig()
+    config = DemoConfig(epochs=3, seeds=1, copies=2) if args.quick else DemoConfig()
     for name in ("epochs", "seeds"):
         value = getattr(args, name)
         if value is not None:

@@ -90,6 +90,8 @@ def _run_destinations(runs, s_g, cw):
     return dest
 
 
+# The small helpers below are repeated in _deform_roi_pool_cpu on purpose: numba's on-disk cache
+# does not notice changes to njit functions imported from another module.
 # Channel loops index with unsigned integers: numba's wraparound handling of signed indices
 # keeps LLVM from vectorising them.
 

@@ -51,6 +51,8 @@ def _axis(v, size):
     return low, low + 1, v - low, active
 
 
+# Its twin lives in _deform_conv_cpu on purpose: numba's on-disk cache does not notice changes
+# to njit functions imported from another module, so a shared helper would go stale.
 @njit(nogil=True, cache=True, fastmath=_FASTMATH, inline="always")
 def _axpy(dst, d, w, src, s, count):
     """dst[d:d+count] += w * src[s:s+count]."""
