@@ -87,3 +87,42 @@ def test_opset_below_19_is_refused(tmp_path):
 def test_example_inputs_type(tmp_path):
     with pytest.raises(TypeError, match="example_inputs must be a Tensor or a tuple"):
         export_onnx(DeformConv2d(2, 2, 3), [torch.randn(1, 2, 5, 5)], tmp_path / "x.onnx")
+
+
+def test_dcn_resnet18_matches_onnxruntime(tmp_path):
+    from deformable.models import resnet18
+
+    torch.manual_seed(0)
+    model = resnet18(deform_stages=(3, 4, 5), modulated=True, num_classes=7).eval()
+    for module in model.modules():
+        if isinstance(module, DeformConv2d):
+            with_offsets(module, std=0.01)
+    path = export_onnx(model, torch.randn(2, 3, 64, 64), tmp_path / "r18.onnx")
+    # conv3-conv5 of ResNet-18: 3 stages x 2 basic blocks x 2 3x3 convs
+    assert [n.op_type for n in onnx.load(path).graph.node].count("DeformConv") == 12
+    x = torch.randn(3, 3, 64, 64)
+    (got,) = run_onnx(path, x)
+    assert_close(got, model(x).detach())
+
+
+def test_deformable_roi_pooling_is_refused_with_a_clear_error(tmp_path):
+    from deformable.ops import deform_roi_pool
+
+    class Head(nn.Module):
+        def forward(self, features, boxes, offset):
+            return deform_roi_pool(features, boxes, 3, offset=offset)
+
+    args = (torch.randn(2, 4, 10, 10), torch.tensor([[0, 1.0, 1, 6, 6], [1, 2, 2, 8, 9]]),
+            torch.randn(2, 2, 3, 3))  # fmt: skip
+    with pytest.raises(ValueError, match="deform_roi_pool.*no standard ONNX operator"):
+        export_onnx(Head(), args, tmp_path / "roi.onnx")
+    assert not (tmp_path / "roi.onnx").exists()
+
+
+def test_deploy_benchmark_runs_and_agrees(tmp_path):
+    from deformable import bench_deploy
+
+    row = bench_deploy.run(batch=1, size=32, repeats=1)
+    assert row["relative_error"] < 1e-4
+    assert row["torch_dcn_ms"] > 0 and row["onnxruntime_dcn_ms"] > 0
+    assert "onnxruntime" in bench_deploy.markdown(row)

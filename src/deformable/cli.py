@@ -11,6 +11,7 @@ COMMANDS = {
     "demo": ("deformable.demo", "train regular / DCNv1 / DCNv2 / STN on transformed digits, write a report"),
     "bench": ("deformable.bench", "speed and memory of deform_conv2d against its anchors"),
     "bench-roi": ("deformable.bench_roi", "speed of deformable RoI pooling against RoIAlign"),
+    "bench-deploy": ("deformable.bench_deploy", "DCN ResNet-50 inference: PyTorch vs onnxruntime"),
 }
 
 
