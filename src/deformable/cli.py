@@ -6,12 +6,14 @@ import argparse
 import importlib
 import sys
 
-#: command -> (module with a main(argv) function, one-line description)
+#: command -> ("module:function" taking argv and returning an exit code, one-line description)
 COMMANDS = {
-    "demo": ("deformable.demo", "train regular / DCNv1 / DCNv2 / STN on transformed digits, write a report"),
-    "bench": ("deformable.bench", "speed and memory of deform_conv2d against its anchors"),
-    "bench-roi": ("deformable.bench_roi", "speed of deformable RoI pooling against RoIAlign"),
-    "bench-deploy": ("deformable.bench_deploy", "DCN ResNet-50 inference: PyTorch vs onnxruntime"),
+    "demo": ("deformable.demo:main", "train regular / DCNv1 / DCNv2 / STN on transformed digits, write a report"),
+    "train": ("deformable.train:main", "train a classifier on bundled digits or an image folder (resumable, DDP)"),
+    "eval": ("deformable.train:eval_command", "evaluate a checkpoint of deformable train"),
+    "bench": ("deformable.bench:main", "speed and memory of deform_conv2d against its anchors"),
+    "bench-roi": ("deformable.bench_roi:main", "speed of deformable RoI pooling against RoIAlign"),
+    "bench-deploy": ("deformable.bench_deploy:main", "DCN ResNet-50 inference: PyTorch vs onnxruntime"),
 }
 
 
@@ -26,8 +28,8 @@ def main(argv=None) -> int:
                         help="; ".join(f"{name}: {text}" for name, (_, text) in COMMANDS.items()))
     parser.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     parsed = parser.parse_args(argv[:1])
-    module = importlib.import_module(COMMANDS[parsed.command][0])
-    return module.main(argv[1:])
+    module, function = COMMANDS[parsed.command][0].split(":")
+    return getattr(importlib.import_module(module), function)(argv[1:])
 
 
 if __name__ == "__main__":
