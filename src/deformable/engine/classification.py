@@ -1,4 +1,4 @@
-"""Training loop for classifiers: resumable, reproducible, data-parallel under torchrun.
+"""Training loop (resumable, reproducible, data-parallel under torchrun) and its classifier use.
 
 Reproducible: the model is initialised from ``seed``, the order of epoch ``e`` is drawn from
 ``seed + e`` alone, and the RNG state is saved with every checkpoint, so a run interrupted after
@@ -80,17 +80,19 @@ def _progress(iterable, total, desc, enabled):
     return tqdm(iterable, total=total, desc=desc, leave=False, file=sys.stderr, dynamic_ncols=True)
 
 
-def fit(build_model: Callable[[], nn.Module], train_set: Dataset, val_set: Dataset,
-        config: TrainConfig, out: str, *, resume: bool = False, progress: bool = True,
-        extra_state: dict | None = None) -> dict:  # fmt: skip
+def train_loop(build_model: Callable[[], nn.Module], train_set: Dataset, val_set: Dataset,
+               config: TrainConfig, out: str, *, loss: Callable, evaluate: Callable,
+               collate_fn: Callable | None = None, resume: bool = False, progress: bool = True,
+               extra_state: dict | None = None) -> dict:  # fmt: skip
     """Train ``build_model()`` on ``train_set``, evaluating on ``val_set`` after every epoch.
 
-    Writes ``<out>/last.pt`` (model, optimiser, scheduler, RNG state, history, config and
-    ``extra_state``, e.g. how to rebuild the model) and ``<out>/metrics.csv`` /
-    ``<out>/tensorboard`` after every epoch. With ``resume=True`` it continues from
-    ``<out>/last.pt`` (a ValueError if the saved config differs from ``config``).
+    ``loss(model, batch)`` returns ``(loss, samples in the batch)``; ``evaluate(model, val_set)``
+    a dict of metrics (the first one is printed). Writes ``<out>/last.pt`` (model, optimiser,
+    scheduler, RNG state, history, config and ``extra_state``, e.g. how to rebuild the model)
+    and ``<out>/metrics.csv`` / ``<out>/tensorboard`` after every epoch. With ``resume=True`` it
+    continues from ``<out>/last.pt`` (a ValueError if the saved config differs from ``config``).
 
-    Returns the history: per-epoch ``train_loss``, ``val_accuracy``, ``val_loss``, ``seconds``.
+    Returns the history: per-epoch ``train_loss``, ``val_<metric>`` and ``seconds``.
     """
     rank, world = _distributed()
     path = os.path.join(out, "last.pt")
@@ -101,7 +103,7 @@ def fit(build_model: Callable[[], nn.Module], train_set: Dataset, val_set: Datas
     steps_per_epoch = math.ceil(len(train_set) / world / config.batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr,
                                                     total_steps=config.epochs * steps_per_epoch)  # fmt: skip
-    history = {"train_loss": [], "val_accuracy": [], "val_loss": [], "seconds": []}
+    history: dict = {"train_loss": [], "seconds": []}
     start_epoch = 0
     if resume and os.path.exists(path):
         state = load_checkpoint(path)
@@ -124,31 +126,33 @@ def fit(build_model: Callable[[], nn.Module], train_set: Dataset, val_set: Datas
             else:
                 sampler = RandomSampler(train_set, generator=torch.Generator().manual_seed(
                     config.seed * 100_003 + epoch))  # fmt: skip
-            loader = DataLoader(train_set, batch_size=config.batch_size, sampler=sampler)
+            loader = DataLoader(train_set, batch_size=config.batch_size, sampler=sampler,
+                                collate_fn=collate_fn)  # fmt: skip
             trained.train()
             start, total, seen = time.perf_counter(), 0.0, 0
-            for images, labels in _progress(loader, len(loader), f"epoch {epoch + 1}/{config.epochs}",
-                                            progress and rank == 0):  # fmt: skip
-                loss = F.cross_entropy(trained(images), labels)
+            for batch in _progress(loader, len(loader), f"epoch {epoch + 1}/{config.epochs}",
+                                   progress and rank == 0):  # fmt: skip
+                value, count = loss(trained, batch)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                value.backward()
                 optimizer.step()
                 scheduler.step()
-                total += loss.item() * len(labels)
-                seen += len(labels)
+                total += value.item() * count
+                seen += count
             total, seen = _reduce([total, seen])
             metrics = evaluate(model, val_set)
             history["train_loss"].append(total / max(seen, 1))
-            history["val_accuracy"].append(metrics["accuracy"])
-            history["val_loss"].append(metrics["loss"])
+            for name, value in metrics.items():
+                history.setdefault(f"val_{name}", []).append(value)
             history["seconds"].append(time.perf_counter() - start)
             if rank == 0:
                 # metrics first: a run killed between the two re-logs this epoch on resume
                 logger.log(epoch, {"train/loss": history["train_loss"][-1],
-                                   "val/accuracy": metrics["accuracy"], "val/loss": metrics["loss"],
+                                   **{f"val/{k}": v for k, v in metrics.items()},
                                    "seconds": history["seconds"][-1]})  # fmt: skip
+                headline, value = next(iter(metrics.items()))
                 print(f"epoch {epoch + 1}/{config.epochs}: train loss {history['train_loss'][-1]:.4f}, "
-                      f"val accuracy {100 * metrics['accuracy']:.2f}%", file=sys.stderr)  # fmt: skip
+                      f"val {headline} {value:.4f}", file=sys.stderr)  # fmt: skip
                 save_checkpoint(path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                        "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
                                        "epoch": epoch, "history": history, "config": asdict(config),
@@ -157,3 +161,17 @@ def fit(build_model: Callable[[], nn.Module], train_set: Dataset, val_set: Datas
         if logger is not None:
             logger.close()
     return history
+
+
+def _classification_loss(model: nn.Module, batch) -> tuple[torch.Tensor, int]:
+    images, labels = batch
+    return F.cross_entropy(model(images), labels), len(labels)
+
+
+def fit(build_model: Callable[[], nn.Module], train_set: Dataset, val_set: Dataset,
+        config: TrainConfig, out: str, *, resume: bool = False, progress: bool = True,
+        extra_state: dict | None = None) -> dict:  # fmt: skip
+    """:func:`train_loop` for a classifier: cross-entropy, validation accuracy and loss."""
+    return train_loop(build_model, train_set, val_set, config, out, loss=_classification_loss,
+                      evaluate=evaluate, resume=resume, progress=progress,
+                      extra_state=extra_state)  # fmt: skip
