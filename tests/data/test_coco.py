@@ -1,0 +1,100 @@
+"""COCO loading, COCO evaluation and the generated scenes."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from deformable.data import DataError
+from deformable.data.coco import CocoDetection, collate
+from deformable.data.scenes import CATEGORIES, generate_scenes
+from deformable.engine.detection import evaluate_coco
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("scenes")
+    path = generate_scenes(str(root), "val", 6, size=64)
+    return root, path
+
+
+def test_generated_scenes_load(scenes):
+    root, path = scenes
+    data = CocoDetection(str(root / "val"), path)
+    assert len(data) == 6 and data.num_classes == len(CATEGORIES) + 1
+    image, target = data[0]
+    assert image.shape == (3, 64, 64) and 0 <= image.min() and image.max() <= 1
+    boxes = target["boxes"]
+    assert (boxes[:, 2:] > boxes[:, :2]).all() and (boxes >= 0).all() and (boxes <= 64).all()
+    assert ((target["labels"] >= 1) & (target["labels"] <= len(CATEGORIES))).all()
+    again = json.load(open(generate_scenes(str(root / "again"), "val", 6, size=64)))
+    assert again["annotations"] == json.load(open(path))["annotations"]  # a function of (split, seed)
+    images, targets = collate([data[0], data[1]])
+    assert len(images) == 2 and targets[1]["image_id"] == data.ids[1]
+
+
+class _Replay(torch.nn.Module):
+    """A 'detector' that returns given boxes for each image, in order."""
+
+    def __init__(self, outputs):
+        super().__init__()
+        self.outputs = iter(outputs)
+
+    def forward(self, images):
+        return [next(self.outputs) for _ in images]
+
+
+def test_evaluation_of_perfect_and_shifted_detections(scenes):
+    root, path = scenes
+    data = CocoDetection(str(root / "val"), path)
+    truth = [data[i][1] for i in range(len(data))]
+    perfect = [{"boxes": t["boxes"], "labels": t["labels"], "scores": torch.ones(len(t["labels"]))}
+               for t in truth]  # fmt: skip
+    metrics = evaluate_coco(_Replay(perfect), data)
+    assert metrics["AP"] == pytest.approx(1.0) and metrics["AP50"] == pytest.approx(1.0)
+    assert math.isnan(metrics["APl"])  # no large objects on a 64x64 canvas
+    wrong = [dict(p, labels=p["labels"] % len(CATEGORIES) + 1) for p in perfect]
+    assert evaluate_coco(_Replay(wrong), data)["AP"] == 0.0
+    nothing = [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long),
+                "scores": torch.zeros(0)} for _ in truth]  # fmt: skip
+    assert evaluate_coco(_Replay(nothing), data)["AP"] == 0.0
+
+
+def write(tmp_path, content):
+    path = tmp_path / "ann.json"
+    path.write_text(content if isinstance(content, str) else json.dumps(content))
+    return str(path)
+
+
+GOOD = {"images": [{"id": 1, "file_name": "a.png", "height": 8, "width": 8}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 3, "bbox": [1, 1, 4, 4]}],
+        "categories": [{"id": 3, "name": "thing"}]}  # fmt: skip
+
+
+@pytest.mark.parametrize("content, match", [
+    ("{not json", "is not valid JSON"),
+    ({"images": []}, "is not COCO"),
+    ({**GOOD, "images": []}, "lists no images"),
+    ({**GOOD, "annotations": [{"id": 7, "image_id": 1, "category_id": 3, "bbox": [1, 1, 0, 4]}]},
+     "annotation 7: bbox must be"),
+    ({**GOOD, "annotations": [{"id": 8, "image_id": 5, "category_id": 3, "bbox": [1, 1, 2, 4]}]},
+     "image_id 5 is not in 'images'"),
+    ({**GOOD, "annotations": [{"id": 9, "image_id": 1, "category_id": 4, "bbox": [1, 1, 2, 4]}]},
+     "category_id 4 is not in 'categories'"),
+    ({**GOOD, "categories": [{"id": 3}]}, "lacks 'name'"),
+])  # fmt: skip
+def test_bad_annotation_files(tmp_path, content, match):
+    with pytest.raises(DataError, match=match):
+        CocoDetection(str(tmp_path), write(tmp_path, content))
+
+
+def test_missing_files(tmp_path):
+    with pytest.raises(DataError, match="annotation file .* does not exist"):
+        CocoDetection(str(tmp_path), str(tmp_path / "none.json"))
+    data = CocoDetection(str(tmp_path), write(tmp_path, GOOD))
+    assert data.num_classes == 2
+    with pytest.raises(DataError, match="a.png' .* does not exist"):
+        data[0]
