@@ -1,8 +1,8 @@
 """Networks built on :mod:`deformable.nn`: ResNets with a per-stage deformable switch (loading
-torchvision's weights), an FPN backbone for torchvision's detectors, and DeepLabV3
-(:mod:`deformable.models.segmentation`)."""
+torchvision's weights), an FPN backbone, Faster / Mask R-CNN and R-FCN with deformable heads
+(:mod:`deformable.models.detection`) and DeepLabV3 (:mod:`deformable.models.segmentation`)."""
 
-from deformable.models import segmentation
+from deformable.models import detection, segmentation
 from deformable.models.resnet import (
     DeformResNet,
     load_torchvision_state_dict,
@@ -15,6 +15,7 @@ from deformable.models.resnet import (
 
 __all__ = [
     "DeformResNet",
+    "detection",
     "load_torchvision_state_dict",
     "resnet18",
     "resnet34",
