@@ -4,7 +4,7 @@
 ``deformable.models`` the backbones and networks built from the layers.
 """
 
-from deformable import models, nn, ops
+from deformable import analysis, models, nn, ops
 
 __version__ = "0.1.0"
-__all__ = ["models", "nn", "ops", "__version__"]
+__all__ = ["analysis", "models", "nn", "ops", "__version__"]

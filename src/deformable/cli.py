@@ -11,6 +11,8 @@ COMMANDS = {
     "demo": ("deformable.demo:main", "train regular / DCNv1 / DCNv2 / STN on transformed digits, write a report"),
     "train": ("deformable.train:main", "train a classifier on bundled digits or an image folder (resumable, DDP)"),
     "eval": ("deformable.train:eval_command", "evaluate a checkpoint of deformable train"),
+    "explain": ("deformable.analysis.explain:main",
+                "draw where a node looks: sampling locations, receptive field, saliency region"),
     "bench": ("deformable.bench:main", "speed and memory of deform_conv2d against its anchors"),
     "bench-roi": ("deformable.bench_roi:main", "speed of deformable RoI pooling against RoIAlign"),
     "bench-deploy": ("deformable.bench_deploy:main", "DCN ResNet-50 inference: PyTorch vs onnxruntime"),

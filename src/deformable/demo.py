@@ -34,7 +34,7 @@ VARIANTS = ("regular", "dcnv1", "dcnv2", "stn")
 LABELS = {"regular": "regular CNN", "dcnv1": "DCNv1 (last 2 layers)",
           "dcnv2": "DCNv2 (last 2 layers)", "stn": "spatial transformer + CNN"}  # fmt: skip
 #: image pixels per feature pixel at the deformable layers, and the centre of feature pixel 0
-FEATURE_STRIDE, FEATURE_ORIGIN = 4, 1.5
+FEATURE_STRIDE, FEATURE_ORIGIN = 4, 1.5  # for drawing the unit
 
 
 class DigitNet(nn.Module):
@@ -146,62 +146,16 @@ def train_variant(variant: str, seed: int, train_set, test_set, config: DemoConf
 # --- where a unit looks ---------------------------------------------------------------------
 
 
-def _taps(layer: nn.Module, layer_input: Tensor):
-    """Offsets [K, 2, H, W] ((dy, dx) per tap) and masks [K, H, W] of a 3x3 layer (zeros / ones
-    for a regular convolution)."""
-    h, w = layer_input.shape[-2:]
-    if isinstance(layer, DeformConv2d):
-        offset, mask = layer.offset_and_mask(layer_input)
-        offset = offset[0].view(9, 2, h, w)
-        mask = mask[0] if mask is not None else torch.ones(9, h, w)
-        return offset, mask
-    return torch.zeros(9, 2, h, w), torch.ones(9, h, w)
-
-
-def _bilinear(field: Tensor, y: Tensor, x: Tensor) -> Tensor:
-    """``field [C, H, W]`` at fractional points ``y, x [P]`` → ``[C, P]`` (zero outside)."""
-    from deformable.ops.reference import bilinear_gather
-
-    return bilinear_gather(field[None], y[None], x[None])[0]
-
-
 @torch.no_grad()
 def sampling_locations(model: DigitNet, image: Tensor) -> tuple[Tensor, Tensor, tuple[int, int]]:
     """Image coordinates (y, x) [81, 2] and weights [81] of the 9 x 9 samples that the most
     active unit of the last layer reaches through the last two 3x3 layers, and that unit.
 
-    Offsets at a fractional location are interpolated bilinearly from the layer's offset field;
-    for DCNv2 each point is weighted by the product of the masks along its path.
+    :func:`deformable.analysis.sampling_locations` at the last ReLU, two layers deep.
     """
-    model.eval()
-    inputs = {}
-    hooks = [conv.register_forward_pre_hook(lambda m, a, i=i: inputs.__setitem__(i, a[0]))
-             for i, conv in enumerate(model.last_convs)]  # fmt: skip
-    try:
-        x = image[None]
-        if model.stn is not None:
-            x = model.stn(x)
-        features = model.features(x)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    unit = divmod(int(features[0].norm(dim=0).argmax()), features.shape[-1])
-    conv3, conv4 = model.last_convs
-    off4, mask4 = _taps(conv4, inputs[1])
-    off3, mask3 = _taps(conv3, inputs[0])
-    grid = torch.tensor([(i - 1.0, j - 1.0) for i in range(3) for j in range(3)])  # [9, 2]
-    # layer-4 taps of the unit, in layer-3 output coordinates
-    y4 = unit[0] + grid[:, 0] + off4[:, 0, unit[0], unit[1]]
-    x4 = unit[1] + grid[:, 1] + off4[:, 1, unit[0], unit[1]]
-    w4 = mask4[:, unit[0], unit[1]]
-    # layer-3 offsets / masks where those taps land
-    d3 = _bilinear(off3.reshape(18, *off3.shape[-2:]), y4, x4).view(9, 2, 9)  # [tap3, yx, tap4]
-    m3 = _bilinear(mask3, y4, x4)  # [tap3, tap4]
-    y3 = y4[None, :] + grid[:, 0, None] + d3[:, 0]
-    x3 = x4[None, :] + grid[:, 1, None] + d3[:, 1]
-    points = torch.stack([y3, x3], -1).reshape(81, 2) * FEATURE_STRIDE + FEATURE_ORIGIN
-    weights = (m3 * w4[None, :]).reshape(81)
-    return points, weights, unit
+    from deformable import analysis
+
+    return tuple(analysis.sampling_locations(model, image, "features.13", depth=2))
 
 
 # --- report ---------------------------------------------------------------------------------
