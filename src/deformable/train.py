@@ -1,6 +1,7 @@
 """``deformable train classify`` and ``deformable eval``: classifiers on bundled or your own data.
 
     deformable train classify [--data digits|PATH] [--model NAME] [--epochs N] [--out DIR] [--resume]
+    deformable train detect [--data scenes|PATH] [--ablation] ...   (see deformable.train_detect)
     deformable eval --checkpoint DIR/last.pt [--data digits|PATH]
 
 ``--data digits`` (the default) is the bundled transformed-digits set; ``--data PATH`` an image
@@ -86,8 +87,12 @@ def _init_distributed() -> bool:
 
 
 def train_main(argv) -> int:
+    if argv[:1] == ["detect"]:
+        from deformable import train_detect
+
+        return train_detect.main(argv[1:])
     parser = argparse.ArgumentParser(prog="deformable train", description=__doc__.split("\n\n")[0])
-    parser.add_argument("task", choices=["classify"], help="what to train")
+    parser.add_argument("task", choices=["classify", "detect"], help="what to train")
     parser.add_argument("--data", default="digits", help="'digits' (bundled) or an image folder")
     parser.add_argument("--model", choices=MODELS, default="digitnet-dcnv2")
     parser.add_argument("--deform-stages", type=int, nargs="*", default=[3, 4, 5],
@@ -131,6 +136,11 @@ def eval_main(argv) -> int:
     if "model_spec" not in state:
         raise CheckpointError(f"checkpoint {args.checkpoint!r} was not written by deformable train")
     spec = state["model_spec"]
+    if spec.get("task") == "detect":
+        from deformable import train_detect
+
+        print(train_detect.evaluate_checkpoint(state, args.data) + f", epoch {state['epoch'] + 1}")
+        return 0
     model = build_model(spec)
     model.load_state_dict(state["model"])
     _, val, _ = load_data(args.data or state["data"], spec)
