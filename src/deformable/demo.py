@@ -198,9 +198,9 @@ def plot_learning_curves(results: dict[str, list[dict]], path: str) -> None:
         for key, ax in (("train_loss", ax_loss), ("test_accuracy", ax_acc)):
             curves = torch.tensor([r["history"][key] for r in runs])
             mean = curves.mean(0)
-            line, = ax.plot(epochs, mean, marker="o", ms=3, label=LABELS[variant])
+            line, = ax.plot(list(epochs), mean.tolist(), marker="o", ms=3, label=LABELS[variant])
             if len(runs) > 1:
-                ax.fill_between(epochs, curves.min(0).values, curves.max(0).values,
+                ax.fill_between(list(epochs), curves.min(0).values.tolist(), curves.max(0).values.tolist(),
                                 color=line.get_color(), alpha=0.15)  # fmt: skip
     ax_loss.set(title="training loss", xlabel="epoch", ylabel="cross-entropy")
     ax_acc.set(title="test accuracy (band: min-max over seeds)", xlabel="epoch", ylabel="accuracy")
@@ -235,8 +235,8 @@ def plot_sampling_locations(models: dict[str, DigitNet], test_set: TransformedDi
         for col, variant in enumerate(shown):
             ax = axes[row, col]
             points, weights, unit = sampling_locations(models[variant], image)
-            ax.imshow(image[0], cmap="gray", vmin=0, vmax=1)
-            ax.scatter(points[:, 1], points[:, 0], s=10, c="tab:red",
+            ax.imshow(image[0].numpy(), cmap="gray", vmin=0, vmax=1)
+            ax.scatter(points[:, 1].numpy(), points[:, 0].numpy(), s=10, c="tab:red",
                        alpha=(0.25 + 0.75 * weights / weights.max().clamp_min(1e-6)).tolist(),
                        edgecolors="none")  # fmt: skip
             cy, cx = (u * FEATURE_STRIDE + FEATURE_ORIGIN for u in unit)
