@@ -108,3 +108,16 @@ def test_no_traceback_from_the_command_line(tmp_path):
                             capture_output=True, text=True, timeout=120)  # fmt: skip
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and "missing.pt" in result.stderr
+
+
+def test_explain_reads_a_train_checkpoint(tmp_path):
+    """A checkpoint of `deformable train classify --model digitnet-*` draws like a demo one."""
+    from deformable import train
+    from deformable.analysis import explain
+
+    run = tmp_path / "run"
+    assert train.main(["classify", "--model", "digitnet-dcnv1", "--epochs", "1", "--limit", "32",
+                       "--out", str(run), "--no-progress"]) == 0  # fmt: skip
+    out = tmp_path / "explain"
+    assert explain.main(["--checkpoint", str(run / "last.pt"), "--index", "3", "--out", str(out)]) == 0
+    assert (out / "explain.png").stat().st_size > 10_000

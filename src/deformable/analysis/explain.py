@@ -36,10 +36,11 @@ class ExplainError(ValueError):
 
 
 def load_checkpoint(path: str) -> tuple[nn.Module, str, dict]:
-    """``(model in eval mode, variant, config)`` from a ``deformable demo`` checkpoint.
+    """``(model in eval mode, variant, config)`` from a ``deformable demo`` checkpoint, or a
+    ``deformable train classify --model digitnet-*`` one.
 
     Args:
-        path (str): a ``<variant>.pt`` file written by ``deformable demo``.
+        path (str): a ``<variant>.pt`` file written by ``deformable demo``, or a ``last.pt``.
 
     Raises ExplainError (a ValueError) naming the file if it is missing, unreadable or not a
     demo checkpoint.
@@ -52,9 +53,18 @@ def load_checkpoint(path: str) -> tuple[nn.Module, str, dict]:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # any unpickling / zip failure: the file is not a checkpoint
         raise ExplainError(f"cannot read checkpoint {path!r}: {error}") from None
+    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("model_spec"), dict):
+        # `deformable train classify` on the digits: same network, its own key names
+        name = str(checkpoint["model_spec"].get("model", ""))
+        if not name.startswith("digitnet-"):
+            raise ExplainError(f"checkpoint {path!r} holds a {name!r}; explain draws DigitNet "
+                               "checkpoints (deformable demo, or train classify --model digitnet-*)")  # fmt: skip
+        checkpoint = {"variant": name.split("-", 1)[1], "state_dict": checkpoint["model"],
+                      "config": {"copies": 4}}  # train's digits: TransformedDigits' default copies
     if not isinstance(checkpoint, dict) or not {"variant", "state_dict"} <= set(checkpoint):
-        raise ExplainError(f"{path!r} is not a checkpoint of `deformable demo` (expected a dict "
-                           "with keys 'variant' and 'state_dict')")  # fmt: skip
+        raise ExplainError(f"{path!r} is not a checkpoint of `deformable demo` or `deformable "
+                           "train` (expected a dict with keys 'variant' and 'state_dict', or "
+                           "'model_spec' and 'model')")  # fmt: skip
     variant = checkpoint["variant"]
     if variant not in VARIANTS:
         raise ExplainError(f"checkpoint {path!r} has variant {variant!r}; expected one of "
