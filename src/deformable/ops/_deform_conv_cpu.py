@@ -7,10 +7,12 @@ is exactly the GEMM of the deformable convolution, at the speed of a regular con
 Backward: per tile, the samples are written again as a column matrix ``cols[P, wg, kh*kw*cw]``
 (P output positions, wg weight groups of cw channels) and two GEMMs give ``dL/dcols`` and
 ``dL/dW`` (oneDNN's backward of the expanded-image convolution is far slower than these on large
-maps). A fused pass then turns ``dL/dcols`` into the gradients of input, offset and mask. Output
-positions are split between threads: each thread writes the offset / mask gradients of its own
-positions and scatters into its own input-gradient buffer; the buffers are added in a fixed order
-afterwards. No atomics, no races, bit-identical results from run to run.
+maps). Two passes then turn ``dL/dcols`` into the gradients of offset / mask and of the input:
+the first splits output positions between threads (each writes the offset / mask gradients of
+its own positions, and records every tap's corner and bilinear weights); the second splits the
+input's rows between threads, each walking all taps in order and adding only into its own rows.
+No atomics, no races, no per-thread copies of the input gradient, and every element receives its
+contributions in one fixed order: bit-identical results whatever the number of threads.
 
 Tiles are bounded in bytes (``TILE_BYTES``) whatever the image and batch size. Sampling
 coordinates and the four bilinear weights depend on (n, group, tap, position) only: they are
