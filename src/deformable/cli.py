@@ -9,7 +9,7 @@ import sys
 #: command -> ("module:function" taking argv and returning an exit code, one-line description)
 COMMANDS = {
     "demo": ("deformable.demo:main", "train regular / DCNv1 / DCNv2 / STN on transformed digits, write a report"),
-    "train": ("deformable.train:main", "train a classifier on bundled digits or an image folder (resumable, DDP)"),
+    "train": ("deformable.train:main", "train a classifier (digits, image folders) or a detector (scenes, COCO); resumable, DDP"),
     "eval": ("deformable.train:eval_command", "evaluate a checkpoint of deformable train"),
     "explain": ("deformable.analysis.explain:main",
                 "draw where a node looks: sampling locations, receptive field, saliency region"),
