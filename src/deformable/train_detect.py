@@ -80,8 +80,7 @@ def load_detection_data(source: str, data_root: str, *, limit: int | None = None
 def _train_one(spec: dict, config: TrainConfig, data: str, data_root: str, out: str, *,
                resume: bool, limit, progress: bool) -> dict:  # fmt: skip
     train, val, source = load_detection_data(data, data_root, limit=limit, size=spec["image_size"])
-    base = val.dataset if isinstance(val, torch.utils.data.Subset) else val
-    spec = dict(spec, num_classes=base.num_classes, classes=base.categories)
+    spec = dict(spec, num_classes=val.num_classes, classes=val.categories)  # --limit cuts train only
     return train_loop(lambda: build_detector(spec), train, val, config, out, loss=detection_loss,
                       evaluate=evaluate_coco, collate_fn=collate, resume=resume, progress=progress,
                       extra_state={"model_spec": spec, "data": source})  # fmt: skip
