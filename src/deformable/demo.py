@@ -119,7 +119,8 @@ def train_variant(variant: str, seed: int, train_set, test_set, config: DemoConf
     optimizer = torch.optim.AdamW(param_groups(model, lr=config.lr), lr=config.lr,
                                   weight_decay=config.weight_decay)  # fmt: skip
     steps = config.epochs * math.ceil(len(train_set) / config.batch_size)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=steps)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in optimizer.param_groups],
+                                                   total_steps=steps)
     loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(seed))  # fmt: skip
     test_loader = DataLoader(test_set, batch_size=256)

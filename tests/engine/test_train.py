@@ -62,6 +62,19 @@ def test_resume_with_another_config_is_refused(tmp_path):
             str(tmp_path), resume=True, progress=False)  # fmt: skip
 
 
+def test_offset_learning_rates_keep_their_multiplier(tmp_path):
+    # the one-cycle schedule must scale each group, not set every group to the base rate
+    train_set, val_set = small_digits(64)
+    config = TrainConfig(epochs=2, batch_size=32, lr=1e-3, offset_lr_mult=0.1)
+    fit(lambda: DigitNet("dcnv2"), train_set, val_set, config, str(tmp_path), progress=False)
+    groups = load_checkpoint(tmp_path / "last.pt")["optimizer"]["param_groups"]
+    rates = {g["name"]: g["lr"] for g in groups}
+    peaks = {g["name"]: g["max_lr"] for g in groups}
+    assert set(rates) == {"base", "offset"}
+    assert peaks == {"base": pytest.approx(1e-3), "offset": pytest.approx(1e-4)}
+    assert rates["offset"] == pytest.approx(0.1 * rates["base"]) and rates["base"] > 0
+
+
 def make_folder(root, split, classes=("cat", "dog"), per_class=3, size=(20, 16)):
     from PIL import Image
 

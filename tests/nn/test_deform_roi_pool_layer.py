@@ -84,9 +84,11 @@ def test_mmcv_parameter_names_and_param_groups():
                                       (("offset_fc", (0, 2, 4)), ("mask_fc", (0, 2)))
                                       for i in layers for kind in ("weight", "bias")}  # fmt: skip
     model = nn.Sequential(nn.Conv2d(3, 4, 1), pool)
-    base, offset = param_groups(model, lr=0.1, offset_lr_mult=0.01)
-    assert len(base["params"]) == 2 and len(offset["params"]) == 10
-    assert offset["lr"] == pytest.approx(1e-3)
+    base, roi = param_groups(model, lr=0.1, offset_lr_mult=0.5)  # DCNv1's 0.01x by default
+    assert roi["name"] == "roi_offset" and len(base["params"]) == 2 and len(roi["params"]) == 10
+    assert roi["lr"] == pytest.approx(1e-3)
+    base, roi = param_groups(model, lr=0.1, roi_offset_lr_mult=1.0)
+    assert roi["lr"] == pytest.approx(0.1)
 
 
 def test_empty_boxes():

@@ -37,8 +37,10 @@ class TrainConfig:
     batch_size: int = 64
     lr: float = 2e-3
     weight_decay: float = 1e-4
-    #: learning-rate multiplier of the offset / mask branches
+    #: learning-rate multiplier of the offset / mask branches of deformable convolutions
     offset_lr_mult: float = 1.0
+    #: ... and of deformable RoI pooling (DCNv1's 0.01)
+    roi_offset_lr_mult: float = 0.01
     seed: int = 0
 
 
@@ -98,10 +100,12 @@ def train_loop(build_model: Callable[[], nn.Module], train_set: Dataset, val_set
     path = os.path.join(out, "last.pt")
     torch.manual_seed(config.seed)
     model = build_model()
-    optimizer = torch.optim.AdamW(param_groups(model, lr=config.lr, offset_lr_mult=config.offset_lr_mult),
-                                  lr=config.lr, weight_decay=config.weight_decay)  # fmt: skip
+    groups = param_groups(model, lr=config.lr, offset_lr_mult=config.offset_lr_mult,
+                          roi_offset_lr_mult=config.roi_offset_lr_mult)  # fmt: skip
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = math.ceil(len(train_set) / world / config.batch_size)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr,
+    # one peak per group: a single max_lr would put the offset groups at the base rate
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in groups],
                                                     total_steps=config.epochs * steps_per_epoch)  # fmt: skip
     history: dict = {"train_loss": [], "seconds": []}
     start_epoch = 0

@@ -70,6 +70,8 @@ class DeformRoIPool(nn.Module):
         True
     """
 
+    offset_group = "roi_offset"  # deformable.nn.param_groups: DCNv1's 0.01x rate
+
     def __init__(
         self,
         output_size: Union[int, tuple[int, int]],
@@ -196,6 +198,8 @@ class DeformPSRoIPool(nn.Module):
         torch.Size([1, 5, 3, 3])
     """
 
+    offset_group = "roi_offset"  # deformable.nn.param_groups: DCNv1's 0.01x rate
+
     def __init__(
         self,
         output_size: Union[int, tuple[int, int]],
@@ -281,6 +285,8 @@ class MultiScaleDeformRoIPool(nn.Module):
         ...        [(128, 128)]).shape
         torch.Size([2, 8, 7, 7])
     """
+
+    offset_group = "roi_offset"  # deformable.nn.param_groups: DCNv1's 0.01x rate
 
     def __init__(
         self,

@@ -99,6 +99,8 @@ class RFCNHead(nn.Module):
         (torch.Size([1, 3]), torch.Size([1, 12]))
     """
 
+    offset_group = "roi_offset"  # deformable.nn.param_groups: DCNv1's 0.01x rate
+
     def __init__(
         self,
         in_channels: int,
