@@ -9,6 +9,7 @@ import pytest
 from deformable import train
 from deformable.data.scenes import generate_scenes
 from deformable.engine import load_checkpoint
+from deformable.train_detect import build_detector
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,10 @@ def test_ablation_writes_its_table(tmp_path, scenes):
     for name in ("regular", "dcnv1 conv3-5", "dcnv2 conv3-5", "+ mdeform RoI pooling",
                  "+ feature mimicking"):  # fmt: skip
         assert f"| {name} |" in table
-    assert load_checkpoint(out / "run4" / "last.pt")["model_spec"]["mimic"] is True
+    spec = load_checkpoint(out / "run4" / "last.pt")["model_spec"]
+    assert spec["mimic"] is True
+    mimic = build_detector(spec).mimic  # CPU-scale crops, not the paper's 224 x 32 per image
+    assert (mimic.crop_size, mimic.rois_per_image) == (64, 8)
 
 
 def test_bad_detection_data(tmp_path, capsys):
