@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from deformable.data import DataError, ImageFolderSplit, TransformedDigits
-from deformable.engine import CheckpointError, TrainConfig, evaluate, fit, load_checkpoint
+from deformable.engine import CheckpointError, TrainConfig, distributed, evaluate, fit, load_checkpoint
 
 DIGITNET = ("digitnet-regular", "digitnet-dcnv1", "digitnet-dcnv2", "digitnet-stn")
 RESNETS = ("resnet18", "resnet34", "resnet50")
@@ -77,15 +77,6 @@ def load_data(source: str, spec: dict, *, limit: int | None = None):
     return train, val, classes
 
 
-def _init_distributed() -> bool:
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return False
-    import torch.distributed as dist
-
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return True
-
-
 def train_main(argv) -> int:
     if argv[:1] == ["detect"]:
         from deformable import train_detect
@@ -111,8 +102,7 @@ def train_main(argv) -> int:
         parser.error("--epochs and --batch-size must be >= 1")
     spec = {"model": args.model, "deform_stages": args.deform_stages, "modulated": args.modulated,
             "image_size": args.image_size}  # fmt: skip
-    distributed = _init_distributed()
-    try:
+    with distributed.session():
         train, val, classes = load_data(args.data, spec, limit=args.limit)
         spec["num_classes"] = len(classes)
         spec["classes"] = classes
@@ -121,9 +111,6 @@ def train_main(argv) -> int:
         os.makedirs(args.out, exist_ok=True)
         fit(lambda: build_model(spec), train, val, config, args.out, resume=args.resume,
             progress=not args.no_progress, extra_state={"model_spec": spec, "data": args.data})  # fmt: skip
-    finally:
-        if distributed:
-            torch.distributed.destroy_process_group()
     return 0
 
 

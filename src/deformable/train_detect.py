@@ -22,7 +22,7 @@ import torch
 
 from deformable.data import DataError
 from deformable.data.coco import CocoDetection, collate
-from deformable.engine import TrainConfig, load_checkpoint
+from deformable.engine import TrainConfig, distributed, load_checkpoint
 from deformable.engine.classification import train_loop
 from deformable.engine.detection import COCO_METRICS, detection_loss, evaluate_coco
 
@@ -69,9 +69,11 @@ def load_detection_data(source: str, data_root: str, *, limit: int | None = None
         from deformable.data.scenes import generate_scenes
 
         source = os.path.join(data_root, "data")
-        for split, count in zip(("train", "val"), scenes):
-            if not os.path.exists(os.path.join(source, f"annotations_{split}.json")):
-                generate_scenes(source, split, count, size=size)
+        if distributed.rank_and_world()[0] == 0:  # one process writes, the others wait for it
+            for split, count in zip(("train", "val"), scenes):
+                if not os.path.exists(os.path.join(source, f"annotations_{split}.json")):
+                    generate_scenes(source, split, count, size=size)
+        distributed.barrier()
     elif not os.path.isdir(source):
         raise DataError(f"--data {source!r}: no such folder (or use --data scenes)")
     train = CocoDetection(os.path.join(source, "train"), os.path.join(source, "annotations_train.json"))
@@ -135,25 +137,28 @@ def main(argv) -> int:
             "modulated": not args.v1, "roi_pool": args.roi_pool, "mimic": args.mimic,
             "mimic_crop_size": args.mimic_crop_size, "mimic_rois_per_image": args.mimic_rois_per_image,
             "image_size": args.image_size}  # fmt: skip
-    os.makedirs(args.out, exist_ok=True)
-    if not args.ablation:
-        _train_one(spec, config, args.data, args.out, args.out, resume=args.resume, limit=args.limit,
-                   progress=not args.no_progress)  # fmt: skip
-        return 0
-    if args.model.startswith("rfcn"):
+    if args.ablation and args.model.startswith("rfcn"):
         parser.error("--ablation trains the Faster R-CNN settings; choose a fasterrcnn --model")
-    results = {}
-    for index, (name, (stages, modulated, roi_pool, mimic)) in enumerate(ABLATION.items()):
-        print(f"[{index + 1}/{len(ABLATION)}] {name}", file=sys.stderr)
-        run_spec = dict(spec, deform_stages=list(stages), modulated=modulated, roi_pool=roi_pool, mimic=mimic)
-        results[name] = _train_one(run_spec, config, args.data, args.out, os.path.join(args.out, f"run{index}"),
-                                   resume=args.resume, limit=args.limit,
-                                   progress=not args.no_progress)  # fmt: skip
-    table = ablation_table(results)
-    with open(os.path.join(args.out, "ablation.md"), "w") as f:
-        f.write(f"# DCNv2 ablation at CPU scale\n\n{args.model}, {config.epochs} epochs, seed {config.seed}, "
-                f"COCO box metrics (%) on the validation scenes.\n\n{table}\n")  # fmt: skip
-    print(table)
+    os.makedirs(args.out, exist_ok=True)
+    with distributed.session():  # under torchrun: data-parallel
+        if not args.ablation:
+            _train_one(spec, config, args.data, args.out, args.out, resume=args.resume, limit=args.limit,
+                       progress=not args.no_progress)  # fmt: skip
+            return 0
+        results = {}
+        for index, (name, (stages, modulated, roi_pool, mimic)) in enumerate(ABLATION.items()):
+            print(f"[{index + 1}/{len(ABLATION)}] {name}", file=sys.stderr)
+            run_spec = dict(spec, deform_stages=list(stages), modulated=modulated, roi_pool=roi_pool,
+                            mimic=mimic)  # fmt: skip
+            results[name] = _train_one(run_spec, config, args.data, args.out,
+                                       os.path.join(args.out, f"run{index}"), resume=args.resume,
+                                       limit=args.limit, progress=not args.no_progress)  # fmt: skip
+        if distributed.rank_and_world()[0] == 0:
+            table = ablation_table(results)
+            with open(os.path.join(args.out, "ablation.md"), "w") as f:
+                f.write(f"# DCNv2 ablation at CPU scale\n\n{args.model}, {config.epochs} epochs, seed "
+                        f"{config.seed}, COCO box metrics (%) on the validation scenes.\n\n{table}\n")  # fmt: skip
+            print(table)
     return 0
 
 

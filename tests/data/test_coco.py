@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -61,6 +64,51 @@ def test_evaluation_of_perfect_and_shifted_detections(scenes):
     nothing = [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long),
                 "scores": torch.zeros(0)} for _ in truth]  # fmt: skip
     assert evaluate_coco(_Replay(nothing), data)["AP"] == 0.0
+
+
+_SHARDED_EVAL = """
+import json, sys
+import torch, torch.distributed as dist
+from deformable.data.coco import CocoDetection
+from deformable.engine.detection import evaluate_coco
+
+class Keyed(torch.nn.Module):  # right labels on even images, wrong on odd ones, found by content
+    def __init__(self, data):
+        super().__init__()
+        self.table = {}
+        for i in range(len(data)):
+            image, t = data[i]
+            labels = t["labels"] if i % 2 == 0 else t["labels"] % 13 + 1
+            self.table[round(image.sum().item(), 3)] = {
+                "boxes": t["boxes"], "labels": labels, "scores": torch.linspace(1, 0.5, len(labels))}
+    def forward(self, images):
+        return [self.table[round(image.sum().item(), 3)] for image in images]
+
+data = CocoDetection(sys.argv[1], sys.argv[2])
+if len(sys.argv) > 4:
+    dist.init_process_group("gloo")
+metrics = evaluate_coco(Keyed(data), data, batch_size=2)
+if not dist.is_initialized() or dist.get_rank() == 0:
+    json.dump(metrics, open(sys.argv[3], "w"))
+"""
+
+
+def test_evaluation_sharded_over_two_processes_scores_every_image(scenes, tmp_path):
+    root, path = scenes
+    script = tmp_path / "sharded_eval.py"
+    script.write_text(_SHARDED_EVAL)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    args = [str(root / "val"), path]
+    subprocess.run([sys.executable, str(script), *args, str(tmp_path / "one.json")], check=True, env=env,
+                   timeout=300)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(script), *args, str(tmp_path / "two.json"), "distributed"],
+        capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = (json.load(open(tmp_path / f"{n}.json")) for n in ("one", "two"))
+    assert 0.2 < one["AP"] < 0.8  # half the images right: neither perfect nor nothing
+    assert one == pytest.approx(two, nan_ok=True)
 
 
 def write(tmp_path, content):

@@ -21,12 +21,12 @@ from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Subset
 
 from deformable.engine.checkpoint import load_checkpoint, save_checkpoint
+from deformable.engine.distributed import all_reduce_sum, rank_and_world
 from deformable.engine.metrics import MetricsLogger
 from deformable.nn import param_groups
 
@@ -44,33 +44,20 @@ class TrainConfig:
     seed: int = 0
 
 
-def _distributed() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _reduce(values: list[float]) -> list[float]:
-    if _distributed()[1] == 1:
-        return values
-    t = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Dataset, batch_size: int = 256) -> dict[str, float]:
     """Accuracy and mean cross-entropy of ``model`` on ``data`` (sharded under torchrun)."""
-    rank, world = _distributed()
-    sampler = DistributedSampler(data, shuffle=False, drop_last=False) if world > 1 else None
+    rank, world = rank_and_world()
+    # each image once (DistributedSampler would repeat some to even out the shards)
+    shard = data if world == 1 else Subset(data, range(rank, len(data), world))
     model.eval()
     correct = loss = count = 0.0
-    for images, labels in DataLoader(data, batch_size=batch_size, sampler=sampler):
+    for images, labels in DataLoader(shard, batch_size=batch_size):
         logits = model(images)
         loss += F.cross_entropy(logits, labels, reduction="sum").item()
         correct += (logits.argmax(1) == labels).sum().item()
         count += len(labels)
-    correct, loss, count = _reduce([correct, loss, count])
+    correct, loss, count = all_reduce_sum([correct, loss, count])
     return {"accuracy": correct / max(count, 1), "loss": loss / max(count, 1)}
 
 
@@ -96,7 +83,7 @@ def train_loop(build_model: Callable[[], nn.Module], train_set: Dataset, val_set
 
     Returns the history: per-epoch ``train_loss``, ``val_<metric>`` and ``seconds``.
     """
-    rank, world = _distributed()
+    rank, world = rank_and_world()
     path = os.path.join(out, "last.pt")
     torch.manual_seed(config.seed)
     model = build_model()
@@ -143,7 +130,7 @@ def train_loop(build_model: Callable[[], nn.Module], train_set: Dataset, val_set
                 scheduler.step()
                 total += value.item() * count
                 seen += count
-            total, seen = _reduce([total, seen])
+            total, seen = all_reduce_sum([total, seen])
             metrics = evaluate(model, val_set)
             history["train_loss"].append(total / max(seen, 1))
             for name, value in metrics.items():

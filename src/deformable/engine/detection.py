@@ -7,9 +7,10 @@ import io
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from deformable.data.coco import CocoDetection, collate
+from deformable.engine.distributed import all_gather_list, rank_and_world
 
 #: COCOeval's summary, in its order
 COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -21,14 +22,17 @@ def evaluate_coco(model: nn.Module, data: CocoDetection, batch_size: int = 4) ->
 
     ``model`` is a torchvision-style detector: in eval mode it returns, per image, a dict with
     ``boxes`` (x1, y1, x2, y2), ``labels`` (1..C) and ``scores``. No detection at all gives 0; a
-    size range with no ground-truth object (e.g. no large objects) gives NaN.
+    size range with no ground-truth object (e.g. no large objects) gives NaN. Under torchrun each
+    process detects on its share of the images and every process scores all the detections.
     """
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
     model.eval()
     results = []
-    for images, targets in DataLoader(data, batch_size=batch_size, collate_fn=collate):
+    rank, world = rank_and_world()
+    shard = data if world == 1 else Subset(data, range(rank, len(data), world))
+    for images, targets in DataLoader(shard, batch_size=batch_size, collate_fn=collate):
         for output, target in zip(model(images), targets):
             boxes = output["boxes"].clone()
             boxes[:, 2:] -= boxes[:, :2]  # COCO's [x, y, width, height]
@@ -36,6 +40,7 @@ def evaluate_coco(model: nn.Module, data: CocoDetection, batch_size: int = 4) ->
                                          output["scores"].tolist()):  # fmt: skip
                 results.append({"image_id": target["image_id"], "bbox": box, "score": score,
                                 "category_id": data.category_ids[label - 1]})  # fmt: skip
+    results = all_gather_list(results)
     if not results:
         return dict.fromkeys(COCO_METRICS, 0.0)
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress

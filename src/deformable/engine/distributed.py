@@ -1,0 +1,59 @@
+"""torch.distributed as the training commands use it: started by ``torchrun`` (gloo on CPU, nccl
+on GPU), a no-op in a single process."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["rank_and_world", "session", "all_reduce_sum", "all_gather_list", "barrier"]
+
+
+def rank_and_world() -> tuple[int, int]:
+    """``(rank, world size)`` of this process; ``(0, 1)`` outside a process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+@contextlib.contextmanager
+def session() -> Iterator[bool]:
+    """Joins the process group ``torchrun`` describes (``WORLD_SIZE`` > 1) for the block, and
+    leaves it after; yields whether it did."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or (dist.is_available() and dist.is_initialized()):
+        yield False
+        return
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    try:
+        yield True
+    finally:
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    """Element-wise sums of ``values`` over the processes (float64)."""
+    if rank_and_world()[1] == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def all_gather_list(items: list) -> list:
+    """The concatenation, in rank order, of every process's ``items`` (picklable objects)."""
+    world = rank_and_world()[1]
+    if world == 1:
+        return items
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, items)
+    return [item for part in gathered for item in part]
+
+
+def barrier() -> None:
+    """Waits for every process (nothing to wait for in a single process)."""
+    if rank_and_world()[1] > 1:
+        dist.barrier()
