@@ -16,7 +16,7 @@ import argparse
 import math
 import os
 import sys
-from dataclasses import fields
+from dataclasses import fields, replace
 
 import torch
 
@@ -98,10 +98,22 @@ def _fmt(value: float) -> str:
     return "—" if math.isnan(value) else f"{100 * value:.1f}"
 
 
-def ablation_table(results: dict[str, dict]) -> str:
+def _cell(values: list[float]) -> str:
+    """One run's value, or mean ± sample std over several (in %; NaN as —)."""
+    if len(values) == 1 or any(math.isnan(v) for v in values):
+        return _fmt(values[0]) if len(values) == 1 else "—"
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    return f"{100 * mean:.1f} ± {100 * std:.1f}"
+
+
+def ablation_table(results: dict[str, list[dict]]) -> str:
+    """The markdown table of the final COCO metrics of each setting: ``results`` maps a setting
+    to the histories of its runs (one per seed)."""
     lines = ["| setting | " + " | ".join(COCO_METRICS) + " |", "|---" * (len(COCO_METRICS) + 1) + "|"]
-    for name, history in results.items():
-        lines.append(f"| {name} | " + " | ".join(_fmt(history[f"val_{m}"][-1]) for m in COCO_METRICS) + " |")
+    for name, histories in results.items():
+        cells = [_cell([h[f"val_{m}"][-1] for h in histories]) for m in COCO_METRICS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -119,6 +131,8 @@ def main(argv) -> int:
                         help="foreground RoIs mimicked per image (paper: 32)")
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--ablation", action="store_true", help="train the five settings of DCNv2's ablation")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="with --ablation: runs per setting, seeds SEED, SEED+1, ... (mean ± std)")
     parser.add_argument("--out", default="deformable-detect")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--limit", type=int, help="train on the first N images only (smoke runs)")
@@ -129,8 +143,8 @@ def main(argv) -> int:
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=default)
     args = parser.parse_args(argv)
     config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
-    if config.epochs < 1 or config.batch_size < 1:
-        parser.error("--epochs and --batch-size must be >= 1")
+    if config.epochs < 1 or config.batch_size < 1 or args.seeds < 1:
+        parser.error("--epochs, --batch-size and --seeds must be >= 1")
     if args.mimic_crop_size < 1 or args.mimic_rois_per_image < 1:
         parser.error("--mimic-crop-size and --mimic-rois-per-image must be >= 1")
     spec = {"task": "detect", "model": args.model, "deform_stages": args.deform_stages,
@@ -145,19 +159,25 @@ def main(argv) -> int:
             _train_one(spec, config, args.data, args.out, args.out, resume=args.resume, limit=args.limit,
                        progress=not args.no_progress)  # fmt: skip
             return 0
-        results = {}
+        results: dict[str, list[dict]] = {}
         for index, (name, (stages, modulated, roi_pool, mimic)) in enumerate(ABLATION.items()):
-            print(f"[{index + 1}/{len(ABLATION)}] {name}", file=sys.stderr)
             run_spec = dict(spec, deform_stages=list(stages), modulated=modulated, roi_pool=roi_pool,
                             mimic=mimic)  # fmt: skip
-            results[name] = _train_one(run_spec, config, args.data, args.out,
-                                       os.path.join(args.out, f"run{index}"), resume=args.resume,
-                                       limit=args.limit, progress=not args.no_progress)  # fmt: skip
+            for offset in range(args.seeds):
+                seed = config.seed + offset
+                print(f"[{index + 1}/{len(ABLATION)}] {name}, seed {seed}", file=sys.stderr)
+                folder = f"run{index}" if offset == 0 else f"run{index}-seed{seed}"
+                results.setdefault(name, []).append(_train_one(
+                    run_spec, replace(config, seed=seed), args.data, args.out,
+                    os.path.join(args.out, folder), resume=args.resume, limit=args.limit,
+                    progress=not args.no_progress))  # fmt: skip
         if distributed.rank_and_world()[0] == 0:
             table = ablation_table(results)
+            seeds = f"seed {config.seed}" if args.seeds == 1 else \
+                f"seeds {config.seed}-{config.seed + args.seeds - 1} (mean ± std)"
             with open(os.path.join(args.out, "ablation.md"), "w") as f:
-                f.write(f"# DCNv2 ablation at CPU scale\n\n{args.model}, {config.epochs} epochs, seed "
-                        f"{config.seed}, COCO box metrics (%) on the validation scenes.\n\n{table}\n")  # fmt: skip
+                f.write(f"# DCNv2 ablation at CPU scale\n\n{args.model}, {config.epochs} epochs, {seeds}, "
+                        f"COCO box metrics (%) on the validation scenes.\n\n{table}\n")  # fmt: skip
             print(table)
     return 0
 

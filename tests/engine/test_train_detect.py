@@ -14,7 +14,8 @@ from deformable.data.scenes import generate_scenes
 from deformable.data.coco import CocoDetection
 from deformable.engine import load_checkpoint
 from deformable.engine.detection import evaluate_coco
-from deformable.train_detect import build_detector
+from deformable.engine.detection import COCO_METRICS
+from deformable.train_detect import ablation_table, build_detector
 
 
 @pytest.fixture(scope="module")
@@ -43,17 +44,30 @@ def test_train_detect_and_eval(tmp_path, scenes, capsys):
 def test_ablation_writes_its_table(tmp_path, scenes):
     out = tmp_path / "ablation"
     code = train.main(["detect", "--ablation", "--data", str(scenes), "--image-size", "64",
-                       "--epochs", "1", "--batch-size", "2", "--limit", "2", "--out", str(out),
-                       "--no-progress"])  # fmt: skip
+                       "--epochs", "1", "--batch-size", "2", "--limit", "2", "--seeds", "2",
+                       "--out", str(out), "--no-progress"])  # fmt: skip
     assert code == 0
     table = (out / "ablation.md").read_text()
     for name in ("regular", "dcnv1 conv3-5", "dcnv2 conv3-5", "+ mdeform RoI pooling",
                  "+ feature mimicking"):  # fmt: skip
         assert f"| {name} |" in table
+    assert "seeds 0-1 (mean ± std)" in table
+    assert load_checkpoint(out / "run0-seed1" / "last.pt")["config"]["seed"] == 1
     spec = load_checkpoint(out / "run4" / "last.pt")["model_spec"]
     assert spec["mimic"] is True
     mimic = build_detector(spec).mimic  # CPU-scale crops, not the paper's 224 x 32 per image
     assert (mimic.crop_size, mimic.rois_per_image) == (64, 8)
+
+
+def test_ablation_table_cells():
+    runs = [{f"val_{m}": [0.0, v] for m, v in zip(COCO_METRICS, values)}
+            for values in ((0.1, 0.2, 0.3, 0.4, 0.5, float("nan")),
+                           (0.2, 0.2, 0.3, 0.4, 0.5, float("nan")))]  # fmt: skip
+    one = ablation_table({"a": runs[:1]}).splitlines()
+    assert one[:2] == ["| setting | AP | AP50 | AP75 | APs | APm | APl |", "|---|---|---|---|---|---|---|"]
+    assert one[2] == "| a | 10.0 | 20.0 | 30.0 | 40.0 | 50.0 | — |"
+    two = ablation_table({"a": runs}).splitlines()[2]
+    assert two == "| a | 15.0 ± 7.1 | 20.0 ± 0.0 | 30.0 ± 0.0 | 40.0 ± 0.0 | 50.0 ± 0.0 | — |"
 
 
 def test_two_process_ddp_detection(tmp_path, scenes):
