@@ -108,11 +108,14 @@ def _cell(values: list[float]) -> str:
 
 
 def ablation_table(results: dict[str, list[dict]]) -> str:
-    """The markdown table of the final COCO metrics of each setting: ``results`` maps a setting
-    to the histories of its runs (one per seed)."""
-    lines = ["| setting | " + " | ".join(COCO_METRICS) + " |", "|---" * (len(COCO_METRICS) + 1) + "|"]
+    """The markdown table of the final COCO metrics of each setting, and its training seconds per
+    epoch: ``results`` maps a setting to the histories of its runs (one per seed)."""
+    header = "| setting | " + " | ".join(COCO_METRICS) + " | s / epoch |"
+    lines = [header, "|---" * (len(COCO_METRICS) + 2) + "|"]
     for name, histories in results.items():
         cells = [_cell([h[f"val_{m}"][-1] for h in histories]) for m in COCO_METRICS]
+        seconds = [s for h in histories for s in h["seconds"]]
+        cells.append(f"{sum(seconds) / len(seconds):.0f}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -160,11 +163,11 @@ def main(argv) -> int:
                        progress=not args.no_progress)  # fmt: skip
             return 0
         results: dict[str, list[dict]] = {}
-        for index, (name, (stages, modulated, roi_pool, mimic)) in enumerate(ABLATION.items()):
-            run_spec = dict(spec, deform_stages=list(stages), modulated=modulated, roi_pool=roi_pool,
-                            mimic=mimic)  # fmt: skip
-            for offset in range(args.seeds):
-                seed = config.seed + offset
+        for offset in range(args.seeds):  # every setting once before any is repeated
+            seed = config.seed + offset
+            for index, (name, (stages, modulated, roi_pool, mimic)) in enumerate(ABLATION.items()):
+                run_spec = dict(spec, deform_stages=list(stages), modulated=modulated, roi_pool=roi_pool,
+                                mimic=mimic)  # fmt: skip
                 print(f"[{index + 1}/{len(ABLATION)}] {name}, seed {seed}", file=sys.stderr)
                 folder = f"run{index}" if offset == 0 else f"run{index}-seed{seed}"
                 results.setdefault(name, []).append(_train_one(
