@@ -120,6 +120,35 @@ def ablation_table(results: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
+def plot_ablation(results: dict[str, list[dict]], path: str) -> None:
+    """Validation AP and AP50 per epoch of each setting (mean over seeds, band: min-max)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for name, histories in results.items():
+        for metric, ax in zip(("AP", "AP50"), axes):
+            curves = torch.tensor([h[f"val_{metric}"] for h in histories]) * 100
+            epochs = list(range(1, curves.shape[1] + 1))
+            (line,) = ax.plot(epochs, curves.mean(0).tolist(), marker="o", ms=3, label=name)
+            if len(histories) > 1:
+                ax.fill_between(epochs, curves.min(0).values.tolist(), curves.max(0).values.tolist(),
+                                color=line.get_color(), alpha=0.15)  # fmt: skip
+    seeds = len(next(iter(results.values())))
+    band = f", band: min-max over {seeds} seeds" if seeds > 1 else ""
+    for metric, ax in zip(("AP", "AP50"), axes):
+        ax.set(title=f"validation {metric}{band}", xlabel="epoch", ylabel=f"COCO box {metric} (%)")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    axes[0].legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv) -> int:
     parser = argparse.ArgumentParser(prog="deformable train detect", description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default="scenes", help="'scenes' (generated) or a COCO-format folder")
@@ -178,9 +207,11 @@ def main(argv) -> int:
             table = ablation_table(results)
             seeds = f"seed {config.seed}" if args.seeds == 1 else \
                 f"seeds {config.seed}-{config.seed + args.seeds - 1} (mean ± std)"
+            plot_ablation(results, os.path.join(args.out, "ablation.png"))
             with open(os.path.join(args.out, "ablation.md"), "w") as f:
                 f.write(f"# DCNv2 ablation at CPU scale\n\n{args.model}, {config.epochs} epochs, {seeds}, "
-                        f"COCO box metrics (%) on the validation scenes.\n\n{table}\n")  # fmt: skip
+                        f"COCO box metrics (%) on the validation scenes.\n\n{table}\n\n"
+                        f"![validation AP per epoch](ablation.png)\n")  # fmt: skip
             print(table)
     return 0
 

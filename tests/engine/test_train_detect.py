@@ -51,7 +51,8 @@ def test_ablation_writes_its_table(tmp_path, scenes):
     for name in ("regular", "dcnv1 conv3-5", "dcnv2 conv3-5", "+ mdeform RoI pooling",
                  "+ feature mimicking"):  # fmt: skip
         assert f"| {name} |" in table
-    assert "seeds 0-1 (mean ± std)" in table
+    assert "seeds 0-1 (mean ± std)" in table and "(ablation.png)" in table
+    assert (out / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert load_checkpoint(out / "run0-seed1" / "last.pt")["config"]["seed"] == 1
     spec = load_checkpoint(out / "run4" / "last.pt")["model_spec"]
     assert spec["mimic"] is True
