@@ -301,6 +301,24 @@ def load_torchvision_state_dict(model: nn.Module, state_dict: Mapping[str, torch
     return [k for k in own if k in offset_keys and k not in given]
 
 
+def trainable_layer_names(where: str, arg: str, value, stages: tuple[int, ...]) -> list[str]:
+    """The ResNet modules that train when ``value`` (0..5, the argument named ``arg``) stages
+    train from ``layer4`` down, as torchvision's detection builders count them. A ValueError
+    names ``arg`` if ``value`` is not an int in 0..5, or if a deformable stage would be frozen
+    (its zero-initialised offset branch would never learn)."""
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 5:
+        raise ValueError(f"{where}: {arg} must be an int in 0..5, got {value!r}")
+    names = ["layer4", "layer3", "layer2", "layer1", "conv1"][:value]
+    if value == 5:
+        names.append("bn1")
+    frozen = [s for s in stages if STAGES[s] not in names]
+    if frozen:
+        raise ValueError(f"{where}: deform_stages {frozen} would be frozen with {arg}={value} (their "
+                         f"offset branches would stay at zero); raise {arg} to at least "
+                         f"{6 - min(frozen)} or drop those stages")  # fmt: skip
+    return names
+
+
 def resnet_fpn_backbone(
     name: str,
     *,
@@ -347,20 +365,7 @@ def resnet_fpn_backbone(
     if name not in _BUILDERS:
         raise ValueError(f"{where}: name must be one of {sorted(_BUILDERS)}, got {name!r}")
     stages = check_deform_stages(deform_stages, where)
-    if not isinstance(trainable_layers, int) or isinstance(trainable_layers, bool) \
-            or not 0 <= trainable_layers <= 5:  # fmt: skip
-        raise ValueError(f"{where}: trainable_layers must be an int in 0..5, got "
-                         f"{trainable_layers!r}")  # fmt: skip
-    layers_to_train = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_layers]
-    if trainable_layers == 5:
-        layers_to_train.append("bn1")
-    frozen = [s for s in stages if STAGES[s] not in layers_to_train]
-    if frozen:
-        raise ValueError(
-            f"{where}: deform_stages {frozen} would be frozen with trainable_layers="
-            f"{trainable_layers} (their offset branches would stay at zero); raise "
-            f"trainable_layers to at least {6 - min(frozen)} or drop those stages"
-        )
+    layers_to_train = trainable_layer_names(where, "trainable_layers", trainable_layers, stages)
     if returned_layers is None:
         returned_layers = [1, 2, 3, 4]
     if (not isinstance(returned_layers, (list, tuple)) or not returned_layers

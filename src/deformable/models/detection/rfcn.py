@@ -37,10 +37,10 @@ from torchvision.ops import FrozenBatchNorm2d, ps_roi_align
 
 from deformable.models.detection._checks import check_choice, check_kwargs, check_num_classes
 from deformable.models.resnet import (
-    STAGES,
     DeformResNet,
     check_deform_stages,
     load_torchvision_state_dict,
+    trainable_layer_names,
     resnet18,
     resnet50,
 )
@@ -333,19 +333,8 @@ def _rfcn(where: str, arch: str, *, num_classes, deform_stages, modulated, ps_ro
     check_choice(where, "ps_roi_pool", ps_roi_pool, PS_ROI_POOLS)
     check_kwargs(where, RFCN, rfcn_kwargs, _RESERVED)
     stages = check_deform_stages(deform_stages, where)
-    layers = trainable_backbone_layers
-    if not isinstance(layers, int) or isinstance(layers, bool) or not 0 <= layers <= 5:
-        raise ValueError(f"{where}: trainable_backbone_layers must be an int in 0..5, got "
-                         f"{trainable_backbone_layers!r}")  # fmt: skip
-    trainable = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_backbone_layers]
-    if trainable_backbone_layers == 5:
-        trainable.append("bn1")
-    frozen = [s for s in stages if STAGES[s] not in trainable]
-    if frozen:
-        raise ValueError(f"{where}: deform_stages {frozen} would be frozen with "
-                         f"trainable_backbone_layers={trainable_backbone_layers} (their offset "
-                         f"branches would stay at zero); raise trainable_backbone_layers to at "
-                         f"least {6 - min(frozen)} or drop those stages")  # fmt: skip
+    trainable = trainable_layer_names(where, "trainable_backbone_layers", trainable_backbone_layers,
+                                      stages)  # fmt: skip
     builder, default_channels = _ARCHS[arch]
     if head_channels is None:
         head_channels = default_channels
