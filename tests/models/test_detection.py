@@ -82,6 +82,19 @@ RCNN_LOSSES = {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_b
 # Faster / Mask R-CNN
 
 
+def _train_step(model, convs):
+    """One training forward/backward on the tiny batch: torchvision's losses, finite, and a
+    gradient in every backbone offset branch. Returns the batch."""
+    images, targets = _batch()
+    model.train()
+    losses = model(images, targets)
+    _check_losses(losses, RCNN_LOSSES)
+    sum(losses.values()).backward()
+    for name, conv in convs.items():
+        assert _nonzero_grad(conv.conv_offset.weight), name
+    return images, targets
+
+
 @pytest.mark.parametrize("roi_pool", ["align", "deform", "mdeform"])
 def test_fasterrcnn_smoke(roi_pool):
     model = fasterrcnn_resnet18_fpn(num_classes=3, roi_pool=roi_pool, **SMALL)
@@ -95,13 +108,7 @@ def test_fasterrcnn_smoke(roi_pool):
     convs = _deform_convs(model)
     assert len(convs) == 12 and all(c.modulated for c in convs.values())  # layer2..layer4
 
-    images, targets = _batch()
-    model.train()
-    losses = model(images, targets)
-    _check_losses(losses, RCNN_LOSSES)
-    sum(losses.values()).backward()
-    for name, conv in convs.items():
-        assert _nonzero_grad(conv.conv_offset.weight), name
+    images, targets = _train_step(model, convs)
     if roi_pool != "align":
         # the zero-initialised last fc of each branch gets gradient (its input is not zero)
         assert _nonzero_grad(pool.pool.offset_fc[4].weight)
@@ -299,13 +306,7 @@ def test_rfcn_smoke(ps_roi_pool):
     # conv5 dilated (its first conv keeps dilation 1, as torchvision's)
     assert len(convs) == 4 and {c.dilation for c in convs.values()} == {(1, 1), (2, 2)}
 
-    images, targets = _batch()
-    model.train()
-    losses = model(images, targets)
-    _check_losses(losses, RCNN_LOSSES)
-    sum(losses.values()).backward()
-    for name, conv in convs.items():
-        assert _nonzero_grad(conv.conv_offset.weight), name
+    images, targets = _train_step(model, convs)
     if ps_roi_pool == "deform":
         assert _nonzero_grad(head.cls_pool.conv_offset.weight)
         assert _nonzero_grad(head.bbox_pool.conv_offset.weight)
