@@ -10,8 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from helpers import assert_close
-from deformable.ops import _deform_conv_cpu, deform_conv2d, reference
-from deformable.ops import deform_conv as dc_module
+from deformable.ops import _deform_conv_cpu, deform_conv2d, reference, use_kernels
 from deformable.ops.deform_conv import output_size
 
 
@@ -83,20 +82,20 @@ def test_reference_matches_torchvision(config):
 
 @pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
 def test_device_fallback_matches_fast_kernel(config):
-    """The implementation registered for devices without a fast kernel (CUDA, MPS, ...)."""
+    """The reference, which runs on devices without a fast kernel (MPS, ...), forced here."""
     args = make(**config)
-    stride, padding, dilation = args["stride"], args["padding"], args["dilation"]
-    tensors = [args[k] for k in ("input", "offset", "weight", "bias")]
-    out = dc_module._forward_reference(*tensors, stride, padding, dilation, args["mask"])
-    assert_close(out, dc_module._forward_cpu(*tensors, stride, padding, dilation, args["mask"]))
-    grad_out = torch.randn_like(out)
-    output_mask = [True] * 5
-    slow = dc_module._backward_reference(grad_out, *tensors, stride, padding, dilation,
-                                         args["mask"], output_mask)  # fmt: skip
-    fast = dc_module._backward_cpu(grad_out, *tensors, stride, padding, dilation, args["mask"],
-                                   output_mask)  # fmt: skip
-    for name, s, f in zip(TENSORS, slow, fast):
-        assert_close(f, s, what=f"grad of {name}")
+    names = [k for k in TENSORS if args[k] is not None]
+    runs = {}
+    for kernel_set in ("reference", "numba"):
+        leaves = {k: args[k].detach().clone().requires_grad_() for k in names}
+        with use_kernels(kernel_set):
+            out = deform_conv2d(**{**args, **leaves})
+            out.backward(torch.ones_like(out) + torch.arange(out.numel()).view_as(out) % 3)
+        runs[kernel_set] = out.detach(), {k: t.grad for k, t in leaves.items()}
+    (slow, slow_grads), (fast, fast_grads) = runs["reference"], runs["numba"]
+    assert_close(fast, slow)
+    for name in names:
+        assert_close(fast_grads[name], slow_grads[name], what=f"grad of {name}")
 
 
 @pytest.mark.parametrize("modulated", [False, True])

@@ -49,3 +49,27 @@ def upcast(*tensors):
     if dtype not in _COMPUTED_IN_FLOAT32:
         return tensors, dtype
     return tuple(None if t is None else t.float() for t in tensors), dtype
+
+
+def reference_grads(fn, grad_out: Tensor, tensors, output_mask) -> list:
+    """Gradients of ``fn(*tensors)`` for the flags of ``output_mask`` (None elsewhere).
+
+    Through ``torch.func.vjp``, not ``torch.autograd.grad``: inside an op's kernel the dispatcher
+    has switched autograd off (below the op's own autograd formula), and only functorch's
+    transforms record a graph there.
+    """
+    wanted = [i for i, (t, need) in enumerate(zip(tensors, output_mask)) if need and t is not None]
+    results = [None] * len(tensors)
+    if not wanted:
+        return results
+
+    def partial(*chosen):
+        full = list(tensors)
+        for i, t in zip(wanted, chosen):
+            full[i] = t
+        return fn(*full)
+
+    _, vjp = torch.func.vjp(partial, *(tensors[i] for i in wanted))
+    for i, grad in zip(wanted, vjp(grad_out)):
+        results[i] = grad
+    return results

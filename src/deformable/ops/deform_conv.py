@@ -7,8 +7,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from deformable.ops import _deform_conv_cpu, reference
-from deformable.ops._checks import check_same, pair, upcast
+from deformable.ops import _deform_conv_cpu, kernels, reference
+from deformable.ops._checks import check_same, pair, reference_grads, upcast
 
 __all__ = ["deform_conv2d"]
 
@@ -180,21 +180,36 @@ def _deform_conv2d_op(
     dilation: Sequence[int],
     mask: Optional[Tensor],
 ) -> Tensor:
-    return _forward_reference(input, offset, weight, bias, stride, padding, dilation, mask)
+    return _forward(input, offset, weight, bias, stride, padding, dilation, mask)
+
+
+@_deform_conv2d_op.register_kernel(("cpu", "cuda"))
+def _forward(input, offset, weight, bias, stride, padding, dilation, mask):
+    """The kernel set :func:`deformable.ops.kernels.select` picks for the device (the op's
+    body runs it on any other device too)."""
+    return _FORWARD[kernels.select(input.device)](input, offset, weight, bias, stride, padding,
+                                                  dilation, mask)  # fmt: skip
 
 
 def _forward_reference(input, offset, weight, bias, stride, padding, dilation, mask):
-    """Any device without a fast kernel: the reference."""
     (input, offset, weight, bias, mask), dtype = upcast(input, offset, weight, bias, mask)
     out = reference.deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask)
     return out.to(dtype)
 
 
-@_deform_conv2d_op.register_kernel("cpu")
-def _forward_cpu(input, offset, weight, bias, stride, padding, dilation, mask):
+def _forward_numba(input, offset, weight, bias, stride, padding, dilation, mask):
     (input, offset, weight, bias, mask), dtype = upcast(input, offset, weight, bias, mask)
     out = _deform_conv_cpu.forward(input, offset, weight, bias, stride, padding, dilation, mask)
     return out.to(dtype)
+
+
+def _forward_triton(input, offset, weight, bias, stride, padding, dilation, mask):
+    from deformable.ops import _triton_conv
+
+    return _triton_conv.forward(input, offset, weight, bias, stride, padding, dilation, mask)
+
+
+_FORWARD = {"numba": _forward_numba, "triton": _forward_triton, "reference": _forward_reference}
 
 
 @_deform_conv2d_op.register_fake
@@ -216,31 +231,34 @@ def _deform_conv2d_backward_op(
     output_mask: Sequence[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients (input, offset, weight, bias, mask); an empty tensor where output_mask is False."""
-    return _backward_reference(grad_out, input, offset, weight, bias, stride, padding, dilation,
-                               mask, output_mask)  # fmt: skip
+    return _backward_dispatch(grad_out, input, offset, weight, bias, stride, padding, dilation,
+                              mask, output_mask)  # fmt: skip
+
+
+@_deform_conv2d_backward_op.register_kernel(("cpu", "cuda"))
+def _backward_dispatch(grad_out, input, offset, weight, bias, stride, padding, dilation, mask,
+                       output_mask):  # fmt: skip
+    return _BACKWARD[kernels.select(input.device)](grad_out, input, offset, weight, bias, stride,
+                                                   padding, dilation, mask, output_mask)  # fmt: skip
 
 
 def _backward_reference(grad_out, input, offset, weight, bias, stride, padding, dilation, mask,
                         output_mask):  # fmt: skip
-    """Any device without a fast kernel: autograd through the reference."""
+    """Autograd through the reference."""
     originals = (input, offset, weight, bias, mask)
     (grad_out, input, offset, weight, bias, mask), _ = upcast(
         grad_out, input, offset, weight, bias, mask
     )
-    leaves = [t if t is None else t.detach().requires_grad_(bool(need))
-              for t, need in zip((input, offset, weight, bias, mask), output_mask)]  # fmt: skip
-    with torch.enable_grad():
-        out = reference.deform_conv2d(*leaves[:4], stride, padding, dilation, leaves[4])
-        wanted = [t for t, need in zip(leaves, output_mask) if need and t is not None]
-        grads = iter(torch.autograd.grad(out, wanted, grad_out) if wanted else ())
-    results = [next(grads) if need and t is not None else None
-               for t, need in zip(leaves, output_mask)]  # fmt: skip
-    return _pack_grads(results, originals)
+
+    def conv(input, offset, weight, bias, mask):
+        return reference.deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask)
+
+    grads = reference_grads(conv, grad_out, (input, offset, weight, bias, mask), output_mask)
+    return _pack_grads(grads, originals)
 
 
-@_deform_conv2d_backward_op.register_kernel("cpu")
-def _backward_cpu(grad_out, input, offset, weight, bias, stride, padding, dilation,
-                  mask, output_mask):  # fmt: skip
+def _backward_numba(grad_out, input, offset, weight, bias, stride, padding, dilation,
+                    mask, output_mask):  # fmt: skip
     originals = (input, offset, weight, bias, mask)
     (grad_out, input, offset, weight, mask), _ = upcast(grad_out, input, offset, weight, mask)
     need_input, need_offset, need_weight, need_bias, need_mask = (bool(m) for m in output_mask)
@@ -250,6 +268,23 @@ def _backward_cpu(grad_out, input, offset, weight, bias, stride, padding, dilati
         (need_input, need_offset, need_weight, need_mask))  # fmt: skip
     grad_bias = grad_out.sum((0, 2, 3)) if need_bias and bias is not None else None
     return _pack_grads([grad_input, grad_offset, grad_weight, grad_bias, grad_mask], originals)
+
+
+def _backward_triton(grad_out, input, offset, weight, bias, stride, padding, dilation,
+                     mask, output_mask):  # fmt: skip
+    from deformable.ops import _triton_conv
+
+    originals = (input, offset, weight, bias, mask)
+    need_input, need_offset, need_weight, need_bias, need_mask = (bool(m) for m in output_mask)
+    need_mask = need_mask and mask is not None
+    grad_input, grad_offset, grad_weight, grad_mask = _triton_conv.backward(
+        grad_out, input, offset, weight, stride, padding, dilation, mask,
+        (need_input, need_offset, need_weight, need_mask))  # fmt: skip
+    grad_bias = grad_out.sum((0, 2, 3)) if need_bias and bias is not None else None
+    return _pack_grads([grad_input, grad_offset, grad_weight, grad_bias, grad_mask], originals)
+
+
+_BACKWARD = {"numba": _backward_numba, "triton": _backward_triton, "reference": _backward_reference}
 
 
 def _pack_grads(grads, originals):

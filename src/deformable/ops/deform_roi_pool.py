@@ -13,8 +13,8 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from deformable.ops import _deform_roi_pool_cpu, reference_roi
-from deformable.ops._checks import check_same, pair, upcast
+from deformable.ops import _deform_roi_pool_cpu, kernels, reference_roi
+from deformable.ops._checks import check_same, pair, reference_grads, upcast
 
 __all__ = ["deform_roi_pool", "deform_ps_roi_pool"]
 
@@ -288,17 +288,13 @@ def _pack_grads(grads, originals):
                  for g, t in zip(grads, originals))  # fmt: skip
 
 
-def _autograd_reference(fn, grad_out, tensors, output_mask):
-    """Gradients of ``fn(*tensors)`` for the flags of ``output_mask`` (None elsewhere)."""
-    leaves = [t if t is None else t.detach().requires_grad_(bool(need))
-              for t, need in zip(tensors, output_mask)]  # fmt: skip
-    wanted = [t for t, need in zip(leaves, output_mask) if need and t is not None]
-    with torch.enable_grad():
-        out = fn(*leaves)
-        grads = torch.autograd.grad(out, wanted, grad_out, allow_unused=True) if wanted else ()
-    grads = iter([torch.zeros_like(t) if g is None else g for g, t in zip(grads, wanted)])
-    return [next(grads) if need and t is not None else None
-            for t, need in zip(leaves, output_mask)]  # fmt: skip
+def _fast_kernels(kernel_set: str):
+    """The module of fast kernels of a kernel set (numba or triton)."""
+    if kernel_set == "triton":
+        from deformable.ops import _triton_roi
+
+        return _triton_roi
+    return _deform_roi_pool_cpu
 
 
 @torch.library.custom_op("deformable::deform_roi_pool", mutates_args=())
@@ -313,19 +309,22 @@ def _deform_roi_pool_op(
     mask: Optional[Tensor],
     gamma: float,
 ) -> Tensor:
-    """Any device without a fast kernel: the reference."""
-    (input, offset, mask), dtype = upcast(input, offset, mask)
-    out = reference_roi.deform_roi_pool(input, boxes.to(input.dtype), output_size, spatial_scale,
-                                        sampling_ratio, aligned, offset, mask, gamma)  # fmt: skip
-    return out.to(dtype)
+    return _roi_forward(input, boxes, output_size, spatial_scale, sampling_ratio, aligned, offset,
+                        mask, gamma)  # fmt: skip
 
 
-@_deform_roi_pool_op.register_kernel("cpu")
-def _roi_forward_cpu(input, boxes, output_size, spatial_scale, sampling_ratio, aligned, offset,
-                     mask, gamma):  # fmt: skip
+@_deform_roi_pool_op.register_kernel(("cpu", "cuda"))
+def _roi_forward(input, boxes, output_size, spatial_scale, sampling_ratio, aligned, offset, mask,
+                 gamma):  # fmt: skip
+    kernel_set = kernels.select(input.device)
     (input, offset, mask), dtype = upcast(input, offset, mask)
-    out = _deform_roi_pool_cpu.forward(input, boxes, output_size, spatial_scale, sampling_ratio,
-                                       aligned, offset, mask, gamma)  # fmt: skip
+    boxes = boxes.to(input.dtype)
+    if kernel_set == "reference":
+        out = reference_roi.deform_roi_pool(input, boxes, output_size, spatial_scale,
+                                            sampling_ratio, aligned, offset, mask, gamma)  # fmt: skip
+    else:
+        out = _fast_kernels(kernel_set).forward(input, boxes, output_size, spatial_scale,
+                                                sampling_ratio, aligned, offset, mask, gamma)  # fmt: skip
     return out.to(dtype)
 
 
@@ -350,26 +349,27 @@ def _deform_roi_pool_backward_op(
     output_mask: Sequence[bool],
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients (input, offset, mask); an empty tensor where output_mask is False."""
+    return _roi_backward_dispatch(grad_out, input, boxes, output_size, spatial_scale,
+                                  sampling_ratio, aligned, offset, mask, gamma, output_mask)  # fmt: skip
+
+
+@_deform_roi_pool_backward_op.register_kernel(("cpu", "cuda"))
+def _roi_backward_dispatch(grad_out, input, boxes, output_size, spatial_scale, sampling_ratio,
+                           aligned, offset, mask, gamma, output_mask):  # fmt: skip
+    kernel_set = kernels.select(input.device)
     originals = (input, offset, mask)
     (grad_out, input, offset, mask), _ = upcast(grad_out, input, offset, mask)
     boxes = boxes.to(input.dtype)
+    if kernel_set == "reference":
+        def pool(input, offset, mask):
+            return reference_roi.deform_roi_pool(input, boxes, output_size, spatial_scale,
+                                                 sampling_ratio, aligned, offset, mask, gamma)  # fmt: skip
 
-    def pool(input, offset, mask):
-        return reference_roi.deform_roi_pool(input, boxes, output_size, spatial_scale,
-                                             sampling_ratio, aligned, offset, mask, gamma)  # fmt: skip
-
-    grads = _autograd_reference(pool, grad_out, (input, offset, mask), output_mask)
-    return _pack_grads(grads, originals)
-
-
-@_deform_roi_pool_backward_op.register_kernel("cpu")
-def _roi_backward_cpu(grad_out, input, boxes, output_size, spatial_scale, sampling_ratio, aligned,
-                      offset, mask, gamma, output_mask):  # fmt: skip
-    originals = (input, offset, mask)
-    (grad_out, input, offset, mask), _ = upcast(grad_out, input, offset, mask)
-    grads = _deform_roi_pool_cpu.backward(grad_out, input, boxes.to(input.dtype), output_size,
-                                          spatial_scale, sampling_ratio, aligned, offset, mask,
-                                          gamma, tuple(bool(m) for m in output_mask))  # fmt: skip
+        grads = reference_grads(pool, grad_out, (input, offset, mask), output_mask)
+    else:
+        grads = _fast_kernels(kernel_set).backward(
+            grad_out, input, boxes, output_size, spatial_scale, sampling_ratio, aligned, offset,
+            mask, gamma, tuple(bool(m) for m in output_mask))  # fmt: skip
     return _pack_grads(grads, originals)
 
 
@@ -411,18 +411,20 @@ def _deform_ps_roi_pool_op(
     offset: Optional[Tensor],
     gamma: float,
 ) -> Tensor:
-    """Any device without a fast kernel: the reference."""
-    (input, offset), dtype = upcast(input, offset)
-    out = reference_roi.deform_ps_roi_pool(input, boxes.to(input.dtype), output_size,
-                                           spatial_scale, sampling_ratio, offset, gamma)  # fmt: skip
-    return out.to(dtype)
+    return _ps_forward(input, boxes, output_size, spatial_scale, sampling_ratio, offset, gamma)
 
 
-@_deform_ps_roi_pool_op.register_kernel("cpu")
-def _ps_forward_cpu(input, boxes, output_size, spatial_scale, sampling_ratio, offset, gamma):
+@_deform_ps_roi_pool_op.register_kernel(("cpu", "cuda"))
+def _ps_forward(input, boxes, output_size, spatial_scale, sampling_ratio, offset, gamma):
+    kernel_set = kernels.select(input.device)
     (input, offset), dtype = upcast(input, offset)
-    out = _deform_roi_pool_cpu.ps_forward(input, boxes.to(input.dtype), output_size,
-                                          spatial_scale, sampling_ratio, offset, gamma)  # fmt: skip
+    boxes = boxes.to(input.dtype)
+    if kernel_set == "reference":
+        out = reference_roi.deform_ps_roi_pool(input, boxes, output_size, spatial_scale,
+                                               sampling_ratio, offset, gamma)  # fmt: skip
+    else:
+        out = _fast_kernels(kernel_set).ps_forward(input, boxes, output_size, spatial_scale,
+                                                   sampling_ratio, offset, gamma)  # fmt: skip
     return out.to(dtype)
 
 
@@ -445,26 +447,27 @@ def _deform_ps_roi_pool_backward_op(
     output_mask: Sequence[bool],
 ) -> tuple[Tensor, Tensor]:
     """Gradients (input, offset); an empty tensor where output_mask is False."""
+    return _ps_backward_dispatch(grad_out, input, boxes, output_size, spatial_scale,
+                                 sampling_ratio, offset, gamma, output_mask)  # fmt: skip
+
+
+@_deform_ps_roi_pool_backward_op.register_kernel(("cpu", "cuda"))
+def _ps_backward_dispatch(grad_out, input, boxes, output_size, spatial_scale, sampling_ratio,
+                          offset, gamma, output_mask):  # fmt: skip
+    kernel_set = kernels.select(input.device)
     originals = (input, offset)
     (grad_out, input, offset), _ = upcast(grad_out, input, offset)
     boxes = boxes.to(input.dtype)
+    if kernel_set == "reference":
+        def pool(input, offset):
+            return reference_roi.deform_ps_roi_pool(input, boxes, output_size, spatial_scale,
+                                                    sampling_ratio, offset, gamma)  # fmt: skip
 
-    def pool(input, offset):
-        return reference_roi.deform_ps_roi_pool(input, boxes, output_size, spatial_scale,
-                                                sampling_ratio, offset, gamma)  # fmt: skip
-
-    grads = _autograd_reference(pool, grad_out, (input, offset), output_mask)
-    return _pack_grads(grads, originals)
-
-
-@_deform_ps_roi_pool_backward_op.register_kernel("cpu")
-def _ps_backward_cpu(grad_out, input, boxes, output_size, spatial_scale, sampling_ratio, offset,
-                     gamma, output_mask):  # fmt: skip
-    originals = (input, offset)
-    (grad_out, input, offset), _ = upcast(grad_out, input, offset)
-    grads = _deform_roi_pool_cpu.ps_backward(grad_out, input, boxes.to(input.dtype), output_size,
-                                             spatial_scale, sampling_ratio, offset, gamma,
-                                             tuple(bool(m) for m in output_mask))  # fmt: skip
+        grads = reference_grads(pool, grad_out, (input, offset), output_mask)
+    else:
+        grads = _fast_kernels(kernel_set).ps_backward(
+            grad_out, input, boxes, output_size, spatial_scale, sampling_ratio, offset, gamma,
+            tuple(bool(m) for m in output_mask))  # fmt: skip
     return _pack_grads(grads, originals)
 
 
