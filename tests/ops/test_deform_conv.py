@@ -328,3 +328,30 @@ class TestBadInput:
     def test_not_a_tensor(self):
         with pytest.raises(TypeError, match="offset must be a Tensor"):
             self.call(offset=[0.0])
+
+
+@pytest.mark.parametrize("kernel_set", ["numba", "reference"])
+def test_offset_gradient_on_the_band_edges(kernel_set):
+    """Zero-offset taps in a padding of 1 lie exactly on -1 and on H / W: the value is 0; the
+    offset gradient is the derivative from inside at -1 (torchvision's choice, not mmcv's 0) and
+    0 at H / W. Pinned here, as the docstring's Convention says."""
+    x = torch.arange(1.0, 10.0, dtype=torch.float64).view(1, 1, 3, 3)
+    weight = torch.full((1, 1, 1, 1), 2.0, dtype=torch.float64)
+    offset = torch.zeros(1, 2, 5, 5, dtype=torch.float64, requires_grad=True)
+    with use_kernels(kernel_set):
+        out = deform_conv2d(x, offset, weight, padding=1)
+    assert out[0, 0, 0, 2] == 0 and out[0, 0, 4, 2] == 0 and out[0, 0, 2, 0] == 0
+    picks = {(0, 0, 2): 1.0, (4, 0, 2): 10.0, (2, 1, 0): 100.0, (2, 1, 4): 1000.0}
+    grad_out = torch.zeros_like(out)
+    for (y, _, x_), scale in picks.items():
+        grad_out[0, 0, y, x_] = scale
+    out.backward(grad_out)
+    dy, dx = offset.grad[0, 0], offset.grad[0, 1]
+    assert dy[0, 2] == 2.0 * x[0, 0, 0, 1]  # top edge y = -1: from inside, weight x corner (0, 1)
+    assert dy[4, 2] == 0.0  # bottom edge y = H
+    assert dx[2, 0] == 100.0 * 2.0 * x[0, 0, 1, 0]  # left edge x = -1
+    assert dx[2, 4] == 0.0  # right edge x = W
+    # torchvision agrees
+    tv_offset = offset.detach().clone().requires_grad_()
+    torchvision.ops.deform_conv2d(x, tv_offset, weight, padding=1).backward(grad_out)
+    assert torch.equal(tv_offset.grad, offset.grad)

@@ -46,6 +46,12 @@ def deform_conv2d(
         - Bilinear sampling ``G(q, p) = g(qx, px) g(qy, py)``, ``g(a, b) = max(0, 1 - |a - b|)``:
           a sample outside ``(-1, H) x (-1, W)`` is zero, and corners outside the image count as
           zero (zero padding, as in ``F.conv2d``).
+        - On the band's edges the value is zero and the offset gradient is one-sided, as in
+          torchvision: at coordinate ``-1`` it is the derivative from inside the band (the
+          corner at 0 times the weight), at ``H`` (``W``) it is 0 (the sample counts as
+          outside). Every zero-offset tap that falls in a padding of 1 lies on such an edge, so
+          a fresh layer's offset branch gets gradient there. mmcv's kernels give 0 at ``-1`` too,
+          so offset-branch gradients differ from mmcv's at those taps (values do not).
         - With zero offsets (and a mask of ones) the result is ``F.conv2d(input, weight, bias,
           stride, padding, dilation, groups=C // weight.shape[1])``.
 
