@@ -72,11 +72,28 @@ def test_functional_with_external_offsets(tmp_path):
 def test_static_batch_of_one(tmp_path):
     layer = with_offsets(DeformConv2d(2, 3, 3, padding=1))
     x = torch.randn(1, 2, 6, 6)
-    with pytest.raises(ValueError, match="batch size of at least 2"):
-        export_onnx(layer, x, tmp_path / "x.onnx")
     path = export_onnx(layer, x, tmp_path / "x.onnx", dynamic_batch=False)
     (got,) = run_onnx(path, x)
     assert_close(got, layer(x).detach())
+    batch = onnx.load(path).graph.input[0].type.tensor_type.shape.dim[0]
+    assert batch.dim_value == 1 and not batch.dim_param
+
+
+def test_a_batch_of_one_exports_a_dynamic_batch(tmp_path):
+    """The most common call there is: one example image, default settings."""
+    layer = with_offsets(DeformConv2d(2, 3, 3, padding=1, modulated=True))
+    path = export_onnx(layer, torch.randn(1, 2, 6, 6), tmp_path / "x.onnx")
+    batch = onnx.load(path).graph.input[0].type.tensor_type.shape.dim[0]
+    assert batch.dim_param and not batch.dim_value
+    for size in (1, 3):
+        x = torch.randn(size, 2, 6, 6)
+        (got,) = run_onnx(path, x)
+        assert_close(got, layer(x).detach())
+
+
+def test_an_empty_example_batch_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"example_inputs\[0\] has an empty batch"):
+        export_onnx(DeformConv2d(2, 3, 3), torch.randn(0, 2, 6, 6), tmp_path / "x.onnx")
 
 
 def test_opset_below_19_is_refused(tmp_path):
@@ -97,12 +114,13 @@ def test_dcn_resnet18_matches_onnxruntime(tmp_path):
     for module in model.modules():
         if isinstance(module, DeformConv2d):
             with_offsets(module, std=0.01)
-    path = export_onnx(model, torch.randn(2, 3, 64, 64), tmp_path / "r18.onnx")
+    path = export_onnx(model, torch.randn(1, 3, 64, 64), tmp_path / "r18.onnx")  # the defaults
     # conv3-conv5 of ResNet-18: 3 stages x 2 basic blocks x 2 3x3 convs
     assert [n.op_type for n in onnx.load(path).graph.node].count("DeformConv") == 12
-    x = torch.randn(3, 3, 64, 64)
-    (got,) = run_onnx(path, x)
-    assert_close(got, model(x).detach())
+    for batch in (1, 3):
+        x = torch.randn(batch, 3, 64, 64)
+        (got,) = run_onnx(path, x)
+        assert_close(got, model(x).detach())
 
 
 def test_deformable_roi_pooling_is_refused_with_a_clear_error(tmp_path):
@@ -117,12 +135,3 @@ def test_deformable_roi_pooling_is_refused_with_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="deform_roi_pool.*no standard ONNX operator"):
         export_onnx(Head(), args, tmp_path / "roi.onnx")
     assert not (tmp_path / "roi.onnx").exists()
-
-
-def test_deploy_benchmark_runs_and_agrees(tmp_path):
-    from deformable import bench_deploy
-
-    row = bench_deploy.run(batch=1, size=32, repeats=1)
-    assert row["relative_error"] < 1e-4
-    assert row["torch_dcn_ms"] > 0 and row["onnxruntime_dcn_ms"] > 0
-    assert "onnxruntime" in bench_deploy.markdown(row)

@@ -1,4 +1,5 @@
-"""The ``deformable`` command line."""
+"""The ``deformable`` command line: dispatches to the command modules of
+:mod:`deformable.commands`."""
 
 from __future__ import annotations
 
@@ -8,14 +9,17 @@ import sys
 
 #: command -> ("module:function" taking argv and returning an exit code, one-line description)
 COMMANDS = {
-    "demo": ("deformable.demo:main", "train regular / DCNv1 / DCNv2 / STN on transformed digits, write a report"),
-    "train": ("deformable.train:main", "train a classifier (digits, image folders) or a detector (scenes, COCO); resumable, DDP"),
-    "eval": ("deformable.train:eval_command", "evaluate a checkpoint of deformable train"),
-    "explain": ("deformable.analysis.explain:main",
+    "demo": ("deformable.commands.demo:main",
+             "train regular / DCNv1 / DCNv2 / STN on transformed digits, write a report"),
+    "train": ("deformable.commands.train:main",
+              "train a classifier (digits, image folders) or a detector (scenes, COCO); resumable, DDP"),
+    "eval": ("deformable.commands.evaluate:main", "evaluate a checkpoint of deformable train"),
+    "explain": ("deformable.commands.explain:main",
                 "draw where a node looks: sampling locations, receptive field, saliency region"),
-    "bench": ("deformable.bench:main", "speed and memory of deform_conv2d against its anchors"),
-    "bench-roi": ("deformable.bench_roi:main", "speed of deformable RoI pooling against RoIAlign"),
-    "bench-deploy": ("deformable.bench_deploy:main", "DCN ResNet-50 inference: PyTorch vs onnxruntime"),
+    "bench": ("deformable.commands.bench:main", "speed and memory of deform_conv2d against its anchors"),
+    "bench-roi": ("deformable.commands.bench_roi:main", "speed of deformable RoI pooling against RoIAlign"),
+    "bench-deploy": ("deformable.commands.bench_deploy:main",
+                     "DCN ResNet-50 inference: PyTorch vs onnxruntime"),
 }
 
 

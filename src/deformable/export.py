@@ -49,6 +49,16 @@ def _unsupported_ops(program: torch.export.ExportedProgram) -> list[str]:
     return sorted(set(found))
 
 
+def _batch_of_two(x: Any, index: int) -> Any:
+    """An example tensor of batch size 1 repeated to 2 (what torch.export keeps dynamic)."""
+    if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[0] >= 2:
+        return x
+    if x.shape[0] == 0:
+        raise ValueError(f"export_onnx: example_inputs[{index}] has an empty batch (shape "
+                         f"{list(x.shape)}); give an example of batch size 1 or more")  # fmt: skip
+    return x.expand(2, *x.shape[1:]).contiguous()
+
+
 def export_onnx(model: torch.nn.Module, example_inputs: tuple[Any, ...] | torch.Tensor,
                 path: str | os.PathLike, *, opset: int = MIN_OPSET,
                 dynamic_batch: bool = True) -> str:  # fmt: skip
@@ -64,19 +74,22 @@ def export_onnx(model: torch.nn.Module, example_inputs: tuple[Any, ...] | torch.
         example_inputs (Tensor or tuple): inputs of one forward call.
         path (str or PathLike): where to write the ``.onnx`` file.
         opset (int): ONNX opset, at least 19 (the first with DeformConv). Default: 19.
-        dynamic_batch (bool): make dimension 0 of every tensor input dynamic (the examples need a
-            batch size of at least 2: ``torch.export`` specialises size 1). Default: True.
+        dynamic_batch (bool): make dimension 0 of every tensor input dynamic, so the file runs at
+            any batch size. An example of batch size 1 is fine: ``torch.export`` would specialise
+            a size of 1, so the export traces the example repeated to a batch of 2 (the model is
+            in eval mode: its items do not interact). Default: True.
 
     Raises:
-        ValueError: ``opset`` below 19, or the model uses an operator of this library that has
-            no standard ONNX counterpart (deformable RoI pooling).
+        ValueError: ``opset`` below 19, an example with an empty batch (``dynamic_batch``), or
+            the model uses an operator of this library that has no standard ONNX counterpart
+            (deformable RoI pooling).
         ImportError: ``onnx`` / ``onnxscript`` not installed.
 
     Example:
         >>> import tempfile, os, torch
         >>> from deformable.nn import DeformConv2d
         >>> layer = DeformConv2d(3, 8, 3, padding=1, modulated=True)
-        >>> path = export_onnx(layer, torch.rand(2, 3, 16, 16), os.path.join(tempfile.mkdtemp(), "dcn.onnx"))
+        >>> path = export_onnx(layer, torch.rand(1, 3, 16, 16), os.path.join(tempfile.mkdtemp(), "dcn.onnx"))
         >>> import onnx; [n.op_type for n in onnx.load(path).graph.node if n.op_type == "DeformConv"]
         ['DeformConv']
     """
@@ -102,13 +115,9 @@ def export_onnx(model: torch.nn.Module, example_inputs: tuple[Any, ...] | torch.
     model = model.eval()
     dynamic_shapes = None
     if dynamic_batch:
-        if any(isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] < 2 for x in example_inputs):
-            raise ValueError(
-                "export_onnx: dynamic_batch needs example_inputs with a batch size of at least 2 "
-                "(torch.export specialises a size of 1); pass a bigger example or dynamic_batch=False"
-            )
+        example_inputs = tuple(_batch_of_two(x, i) for i, x in enumerate(example_inputs))
         batch = torch.export.Dim("batch")
-        dynamic_shapes = tuple({0: batch} if isinstance(x, torch.Tensor) else None
+        dynamic_shapes = tuple({0: batch} if isinstance(x, torch.Tensor) and x.dim() > 0 else None
                                for x in example_inputs)  # fmt: skip
     program = torch.export.export(model, example_inputs, dynamic_shapes=dynamic_shapes)
     unsupported = _unsupported_ops(program)

@@ -60,7 +60,7 @@ def test_a_node_that_ignores_the_image_has_a_zero_map():
 
 
 def test_digitnet_restores_training_mode_and_leaves_no_hooks():
-    from deformable.demo import DigitNet
+    from deformable.models import DigitNet
 
     model = DigitNet("dcnv2").train()
     erf = effective_receptive_field(model, torch.rand(1, 40, 40))

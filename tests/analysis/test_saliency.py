@@ -35,7 +35,7 @@ def test_stacked_layers_see_their_combined_patch():
 
 
 def test_a_looser_bound_never_needs_a_larger_region_and_fill_mean_works():
-    from deformable.demo import DigitNet
+    from deformable.models import DigitNet
 
     model = DigitNet("dcnv1")
     image = torch.rand(1, 40, 40)

@@ -154,14 +154,15 @@ def test_a_spatial_transformer_maps_points_through_its_transform():
 
 def test_the_demo_draws_with_it():
     """The demo's figure is these sampling locations at its last ReLU, two layers deep."""
-    from deformable import demo
+    from deformable.experiments import digits
+    from deformable.models import DigitNet
 
-    model = demo.DigitNet("dcnv2")
+    model = DigitNet("dcnv2")
     with torch.no_grad():
         for conv in model.last_convs:
             conv.conv_offset.weight.normal_(0, 0.3)
     image = torch.rand(1, 40, 40)
-    points, weights, unit = demo.sampling_locations(model, image)
+    points, weights, unit = digits.sampling_locations(model, image)
     ours, our_weights, node = sampling_locations(model, image, "features.11", unit, depth=2)
     assert node == unit and points.shape == (81, 2)
     assert torch.allclose(ours, points, atol=1e-5) and torch.allclose(our_weights, weights)

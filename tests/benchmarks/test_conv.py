@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from helpers import assert_close
-from deformable import bench
+from deformable.benchmarks import conv
+from deformable.commands import bench
 from deformable.ops import deform_conv2d
 
 
@@ -18,7 +19,7 @@ def test_quick_run_writes_table_and_json(tmp_path, capsys):
     table = capsys.readouterr().out
     assert "| geometric mean |" in table and "ours fwd+bwd" in table
     rows = json.loads(path.read_text())
-    assert [r["shape"] for r in rows] == [list(s) for s in bench.QUICK_SHAPES]
+    assert [r["shape"] for r in rows] == [list(s) for s in conv.QUICK_SHAPES]
     for row in rows:
         assert row["ours_fwd_ms"] > 0 and row["ours_fwdbwd_x"] > 0
         assert row["ours_fwd_x"] == pytest.approx(row["ours_fwd_ms"] / row["conv2d_fwd_ms"])
@@ -29,7 +30,7 @@ def test_onnxruntime_deform_conv_agrees_with_ours():
     x = torch.randn(2, 8, 9, 11)
     weight = torch.randn(6, 8, 3, 3)
     offset = torch.randn(2, 18, 9, 11) * 2
-    run = bench._onnxruntime_deform_conv(x, weight, offset, 1)
+    run = conv._onnxruntime_deform_conv(x, weight, offset, 1)
     assert run is not None, "onnxruntime is part of the dev install"
     (ort_out,) = run()
     assert_close(torch.from_numpy(ort_out), deform_conv2d(x, offset, weight, padding=1))

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from deformable import bench_roi
+from deformable.benchmarks import roi
+from deformable.commands import bench_roi
 
 
 def test_quick_run_writes_table_and_json(tmp_path, capsys):
@@ -27,7 +28,7 @@ def test_quick_run_writes_table_and_json(tmp_path, capsys):
 def test_random_boxes_are_inside_the_image():
     import torch
 
-    boxes = bench_roi.random_boxes(200, 80, 120, torch.Generator().manual_seed(0))
+    boxes = roi.random_boxes(200, 80, 120, torch.Generator().manual_seed(0))
     assert boxes.shape == (200, 5) and (boxes[:, 0] == 0).all()
     assert (boxes[:, 1] >= 0).all() and (boxes[:, 3] <= 120).all()
     assert (boxes[:, 2] >= 0).all() and (boxes[:, 4] <= 80).all()

@@ -1,4 +1,4 @@
-"""``deformable explain``: PNGs from demo checkpoints, and clear errors for bad input."""
+"""``deformable explain``: PNGs from demo and train checkpoints, and clear errors for bad input."""
 
 import os
 import subprocess
@@ -7,7 +7,8 @@ import sys
 import pytest
 import torch
 
-from deformable.analysis import explain
+from deformable.analysis.loading import load_image
+from deformable.commands import explain
 
 PNG = b"\x89PNG\r\n\x1a\n"
 OUTPUTS = ("explain.png", "sampling_locations.png", "receptive_field.png", "saliency.png")
@@ -15,10 +16,10 @@ OUTPUTS = ("explain.png", "sampling_locations.png", "receptive_field.png", "sali
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    from deformable.demo import DemoConfig, run
+    from deformable.experiments.digits import DigitsConfig, run
 
     out = tmp_path_factory.mktemp("demo")
-    run(str(out), DemoConfig(epochs=1, seeds=1, copies=1, train_limit=64),
+    run(str(out), DigitsConfig(epochs=1, seeds=1, copies=1, train_limit=64),
         variants=("regular", "dcnv2"), progress=False)  # fmt: skip
     return {v: str(out / f"{v}.pt") for v in ("regular", "dcnv2")}
 
@@ -52,7 +53,7 @@ def test_an_image_file_a_layer_and_a_node(checkpoints, tmp_path):
     pixels = torch.zeros(60, 60, dtype=torch.uint8)
     pixels[15:45, 25:35] = 255
     Image.fromarray(pixels.numpy()).save(path)
-    assert explain.load_image(str(path)).shape == (1, 40, 40)
+    assert load_image(str(path)).shape == (1, 40, 40)
     out = tmp_path / "views"
     code = explain.main(["--checkpoint", checkpoints["dcnv2"], "--image", str(path), "--layer",
                          "features.8", "--node", "5", "4", "--depth", "0", "--grow", "gradient",
@@ -103,7 +104,7 @@ def test_argument_errors_exit_2(capsys):
 
 
 def test_no_traceback_from_the_command_line(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "deformable.analysis.explain", "--checkpoint",
+    result = subprocess.run([sys.executable, "-m", "deformable.commands.explain", "--checkpoint",
                              str(tmp_path / "missing.pt"), "--out", str(tmp_path)],
                             capture_output=True, text=True, timeout=120)  # fmt: skip
     assert result.returncode == 2
@@ -112,8 +113,7 @@ def test_no_traceback_from_the_command_line(tmp_path):
 
 def test_explain_reads_a_train_checkpoint(tmp_path):
     """A checkpoint of `deformable train classify --model digitnet-*` draws like a demo one."""
-    from deformable import train
-    from deformable.analysis import explain
+    from deformable.commands import train
 
     run = tmp_path / "run"
     assert train.main(["classify", "--model", "digitnet-dcnv1", "--epochs", "1", "--limit", "32",

@@ -9,13 +9,12 @@ import sys
 
 import pytest
 
-from deformable import train
-from deformable.data.scenes import generate_scenes
+from deformable.commands import evaluate, train
 from deformable.data.coco import CocoDetection
+from deformable.data.scenes import generate_scenes
 from deformable.engine import load_checkpoint
 from deformable.engine.detection import evaluate_coco
-from deformable.engine.detection import COCO_METRICS
-from deformable.train_detect import ablation_table, build_detector
+from deformable.models.build import build_detector
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +36,7 @@ def test_train_detect_and_eval(tmp_path, scenes, capsys):
     with open(out / "metrics.csv") as f:
         row = next(csv.DictReader(f))
     assert {"val/AP", "val/AP50", "val/AP75", "val/APs", "val/APm", "val/APl"} <= set(row)
-    assert train.eval_command(["--checkpoint", str(out / "last.pt")]) == 0
+    assert evaluate.main(["--checkpoint", str(out / "last.pt")]) == 0
     assert "AP50" in capsys.readouterr().out
 
 
@@ -58,18 +57,6 @@ def test_ablation_writes_its_table(tmp_path, scenes):
     assert spec["mimic"] is True
     mimic = build_detector(spec).mimic  # CPU-scale crops, not the paper's 224 x 32 per image
     assert (mimic.crop_size, mimic.rois_per_image) == (64, 8)
-
-
-def test_ablation_table_cells():
-    runs = [{**{f"val_{m}": [0.0, v] for m, v in zip(COCO_METRICS, values)}, "seconds": seconds}
-            for values, seconds in (((0.1, 0.2, 0.3, 0.4, 0.5, float("nan")), [10.0, 12.0]),
-                                    ((0.2, 0.2, 0.3, 0.4, 0.5, float("nan")), [14.0, 16.0]))]  # fmt: skip
-    one = ablation_table({"a": runs[:1]}).splitlines()
-    assert one[:2] == ["| setting | AP | AP50 | AP75 | APs | APm | APl | s / epoch |",
-                       "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    assert one[2] == "| a | 10.0 | 20.0 | 30.0 | 40.0 | 50.0 | — | 11 |"
-    two = ablation_table({"a": runs}).splitlines()[2]
-    assert two == "| a | 15.0 ± 7.1 | 20.0 ± 0.0 | 30.0 ± 0.0 | 40.0 ± 0.0 | 50.0 ± 0.0 | — | 13 |"
 
 
 def test_two_process_ddp_detection(tmp_path, scenes):

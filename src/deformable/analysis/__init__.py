@@ -8,7 +8,8 @@ which image region they need (DCNv1 §4, DCNv2 §3).
 - :func:`saliency_region`: the smallest growing region whose masked image keeps the node's
   response within an error bound.
 - :mod:`deformable.analysis.figures`: the three views side by side for several models;
-  :mod:`deformable.analysis.explain`: the ``deformable explain`` command.
+  :mod:`deformable.analysis.loading`: networks and images read from files, for
+  ``deformable explain`` (:mod:`deformable.commands.explain`).
 
 Convention:
     Image coordinates are ``(y, x)``, row first, in pixels, integer coordinates at pixel

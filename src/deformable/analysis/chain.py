@@ -238,3 +238,10 @@ def most_active_node(output: Tensor) -> tuple[int, int]:
     norm = output[0].detach().norm(dim=0)
     y, x = divmod(int(norm.argmax()), norm.shape[-1])
     return y, x
+
+
+def strongest_node(model: nn.Module, image: Tensor, layer: str) -> tuple[int, int]:
+    """The :func:`most_active_node` of ``layer`` for ``image`` (``[C, H, W]``)."""
+    with torch.no_grad():
+        output, _ = run_to_layer(model, image[None], dict(layer_chain(model))[layer])
+    return most_active_node(output)

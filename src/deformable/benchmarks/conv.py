@@ -1,6 +1,7 @@
 """Speed and memory of deform_conv2d against its anchors, measured in one run.
 
-    python -m deformable.bench [--repeats 7] [--shapes all|quick] [--json PATH]
+    deformable bench [--repeats 7] [--shapes all|quick] [--json PATH]
+    python -m deformable.benchmarks.conv ...    (the same)
 
 For each shape (N, Cin, Cout, H, W; 3x3 kernel, padding 1, random offsets of a few pixels) it
 times the forward and forward+backward of ``F.conv2d`` (the anchor), of
@@ -13,86 +14,21 @@ of the process's peak resident set during one forward+backward, Linux only).
 
 from __future__ import annotations
 
-import argparse
-import gc
 import json
 import math
 import os
-import re
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
+from deformable.benchmarks.timing import median_ms, peak_extra_mib
 from deformable.ops import deform_conv2d
 
 #: (N, Cin, Cout, H, W) of DESIGN.md's performance model.
 SHAPES = [(2, 64, 64, 56, 56), (2, 128, 128, 28, 28), (2, 256, 256, 14, 14), (2, 512, 512, 7, 7),
           (1, 256, 256, 50, 84)]  # fmt: skip
 QUICK_SHAPES = [(1, 8, 8, 12, 12), (2, 16, 8, 9, 7)]
-
-
-def median_ms(fns: dict, repeats: int) -> dict:
-    """Median time (ms) of each function over ``repeats`` runs after a warm-up.
-
-    One function at a time, not in turns: torch's OpenMP workers and onnxruntime's pool spin
-    for a while after each parallel region, so a function run right after another one's would
-    be charged for its neighbour's spinning threads.
-    """
-    result = {}
-    for name, fn in fns.items():
-        fn()  # warm-up: compilation, allocator, caches
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        result[name] = statistics.median(times) * 1e3
-    return result
-
-
-def _status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            match = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M)
-        return int(match.group(1)) if match else None
-    except OSError:
-        return None
-
-
-def _release_freed_memory() -> bool:
-    """Make glibc hand freed blocks back to the OS at once, so RSS follows live memory."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD: fixed, so big blocks are mmapped
-        libc.malloc_trim(0)
-        return True
-    except (OSError, AttributeError):
-        return False
-
-
-def peak_extra_mib(fn, accounted_bytes: int) -> float | None:
-    """Rise of the peak RSS while ``fn`` runs, less ``accounted_bytes`` (outputs, gradients)."""
-    if not _release_freed_memory():
-        return None
-    fn()  # warm-up under the fixed threshold, then let go of what it freed
-    gc.collect()
-    _release_freed_memory()
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-    except OSError:
-        return None
-    before = _status_kib("VmRSS")
-    fn()
-    peak = _status_kib("VmHWM")
-    if before is None or peak is None:
-        return None
-    return max(0.0, (peak - before) * 1024 - accounted_bytes) / 2**20
 
 
 def _onnxruntime_deform_conv(x, weight, offset, padding):
@@ -163,10 +99,10 @@ def _onnxruntime_ms(shape, repeats: int) -> float | None:
     import subprocess
 
     code = (
-        "import sys, json, torch; from deformable import bench; "
-        f"case = bench._Case({tuple(shape)!r}, False); "
-        "run = bench._onnxruntime_deform_conv(case.x, case.weight, case.offset, 1); "
-        f"print(json.dumps(None if run is None else bench.median_ms({{'ort': run}}, {repeats})['ort']))"
+        "import sys, json, torch; from deformable.benchmarks import conv, timing; "
+        f"case = conv._Case({tuple(shape)!r}, False); "
+        "run = conv._onnxruntime_deform_conv(case.x, case.weight, case.offset, 1); "
+        f"print(json.dumps(None if run is None else timing.median_ms({{'ort': run}}, {repeats})['ort']))"
     )
     env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
@@ -239,33 +175,19 @@ def markdown(rows) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="deformable bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=7, help="timed runs per measurement (median)")
-    parser.add_argument("--shapes", choices=["all", "quick"], default="all",
-                        help="DESIGN.md's five shapes, or two tiny ones for a smoke run")
-    parser.add_argument("--no-torchvision", action="store_true",
-                        help="skip torchvision (its backward is slow on large shapes)")
-    parser.add_argument("--json", metavar="PATH", help="also write the measurements as JSON")
-    args = parser.parse_args(argv)
-    if args.repeats < 1:
-        parser.error("--repeats must be >= 1")
-    shapes = SHAPES if args.shapes == "all" else QUICK_SHAPES
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of "
-          f"{args.repeats}; ratios against F.conv2d in this run", file=sys.stderr)
+def run(shapes, repeats: int, torchvision_too: bool = True) -> list[dict]:
+    """Time every shape (one after the other), then measure their memory; one row per shape."""
     rows = []
     for shape in shapes:
-        rows.append(time_shape(shape, args.repeats, not args.no_torchvision))
+        rows.append(time_shape(shape, repeats, torchvision_too))
         print(f"  {shape}: ours fwd {rows[-1]['ours_fwd_x']:.2f}x, fwd+bwd "
               f"{rows[-1]['ours_fwdbwd_x']:.2f}x", file=sys.stderr)
     for row, shape in zip(rows, shapes):
-        row.update(memory_shape(shape, not args.no_torchvision))
-    print(markdown(rows))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
-    return 0
+        row.update(memory_shape(shape, torchvision_too))
+    return rows
 
 
 if __name__ == "__main__":
+    from deformable.commands.bench import main
+
     raise SystemExit(main())

@@ -1,6 +1,7 @@
 """Inference of a DCN ResNet-50 in PyTorch (our kernels) and in onnxruntime (exported), one run.
 
-    python -m deformable.bench_deploy [--batch 1] [--size 224] [--repeats 10] [--json PATH]
+    deformable bench-deploy [--batch 1] [--size 224] [--repeats 10] [--json PATH]
+    python -m deformable.benchmarks.deploy ...    (the same)
 
 The model is ResNet-50 with modulated deformable convolutions in conv3-conv5 (DCNv2's setting,
 13 layers), offset branches given small random weights so the offsets are not zero. It is
@@ -12,7 +13,6 @@ warm-up; the outputs of PyTorch and onnxruntime are compared too.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -21,7 +21,7 @@ import tempfile
 
 import torch
 
-from deformable.bench import median_ms
+from deformable.benchmarks.timing import median_ms
 
 
 def dcn_resnet50(seed: int = 0) -> torch.nn.Module:
@@ -39,7 +39,7 @@ def dcn_resnet50(seed: int = 0) -> torch.nn.Module:
 def _onnxruntime_run(path: str, batch: int, size: int, repeats: int) -> dict:
     code = f"""
 import json, numpy as np, onnxruntime as ort, torch
-from deformable.bench import median_ms
+from deformable.benchmarks.timing import median_ms
 options = ort.SessionOptions()
 options.intra_op_num_threads = {torch.get_num_threads()}
 session = ort.InferenceSession({path!r}, options, providers=["CPUExecutionProvider"])
@@ -72,8 +72,7 @@ def run(batch: int, size: int, repeats: int) -> dict:
         expected = model(x)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "dcn_resnet50.onnx")
-        example = torch.randn(max(batch, 2), 3, size, size)
-        export_onnx(model, example, path)
+        export_onnx(model, x, path)
         ort_result = _onnxruntime_run(path, batch, size, repeats)
     error = ((ort_result["output"] - expected).abs().max() / expected.abs().max()).item()
     return {"batch": batch, "size": size, "torch_resnet50_ms": times["resnet50"],
@@ -96,23 +95,7 @@ def markdown(row: dict) -> str:
     ])  # fmt: skip
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="deformable bench-deploy", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--json", metavar="PATH")
-    args = parser.parse_args(argv)
-    for name in ("batch", "size", "repeats"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1")
-    row = run(args.batch, args.size, args.repeats)
-    print(markdown(row))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(row, f, indent=2)
-    return 0
-
-
 if __name__ == "__main__":
+    from deformable.commands.bench_deploy import main
+
     raise SystemExit(main())

@@ -1,6 +1,7 @@
 """Speed of deformable RoI pooling against torchvision's RoIAlign, measured in one run.
 
-    python -m deformable.bench_roi [--repeats 7] [--quick] [--json PATH]
+    deformable bench-roi [--repeats 7] [--quick] [--json PATH]
+    python -m deformable.benchmarks.roi ...    (the same)
 
 Detector-sized work: 512 RoIs on the stride-16 map of an 800 x 1344 image (50 x 84), 7 x 7 bins,
 ``sampling_ratio=2``, ``spatial_scale=1/16``; boxes of 16 to 400 pixels, uniformly placed.
@@ -16,21 +17,18 @@ Detector-sized work: 512 RoIs on the stride-16 map of an 800 x 1344 image (50 x 
   level.
 
 Every time is the median of ``--repeats`` runs after a warm-up (one implementation after the
-other, see :func:`deformable.bench.median_ms`); "fwd+bwd" is forward and backward with gradients for the input (and the offsets /
+other, see :func:`deformable.benchmarks.timing.median_ms`); "fwd+bwd" is forward and backward with gradients for the input (and the offsets /
 masks); ratios are against torchvision's twin timed in the same run. Targets (issue 3):
 fwd+bwd with offsets <= 1.5x.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import math
 import sys
 
 import torch
 
-from deformable.bench import median_ms
+from deformable.benchmarks.timing import median_ms
 from deformable.ops.deform_roi_pool import deform_ps_roi_pool, deform_roi_pool
 
 FULL = dict(boxes=512, channels=256, classes=21, bins=7, height=50, width=84, stride=16)
@@ -158,28 +156,16 @@ def markdown(rows) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="deformable bench-roi",
-                                     description=__doc__.split("\n\n")[0])  # fmt: skip
-    parser.add_argument("--repeats", type=int, default=7, help="timed runs per measurement (median)")
-    parser.add_argument("--quick", action="store_true", help="tiny shapes, for a smoke run")
-    parser.add_argument("--json", metavar="PATH", help="also write the measurements as JSON")
-    args = parser.parse_args(argv)
-    if args.repeats < 1:
-        parser.error("--repeats must be >= 1")
-    cfg = QUICK if args.quick else FULL
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of "
-          f"{args.repeats}; ratios against torchvision in this run", file=sys.stderr)
-    rows = [bench_roi(cfg, args.repeats, False), bench_roi(cfg, args.repeats, True),
-            bench_ps(cfg, args.repeats), bench_fpn(cfg, args.repeats)]  # fmt: skip
+def run(cfg: dict, repeats: int) -> list[dict]:
+    """The four cases (v1, v2, position-sensitive, FPN) at the sizes of ``cfg`` (FULL or QUICK)."""
+    rows = [bench_roi(cfg, repeats, False), bench_roi(cfg, repeats, True), bench_ps(cfg, repeats),
+            bench_fpn(cfg, repeats)]  # fmt: skip
     for r in rows:
         print(f"  {r['case']}: fwd {r['fwd_x']:.2f}x, fwd+bwd {r['fwdbwd_x']:.2f}x", file=sys.stderr)
-    print(markdown(rows))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
-    return 0 if all(math.isfinite(r["fwdbwd_x"]) for r in rows) else 1
+    return rows
 
 
 if __name__ == "__main__":
+    from deformable.commands.bench_roi import main
+
     raise SystemExit(main())

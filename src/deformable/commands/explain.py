@@ -1,7 +1,7 @@
 """``deformable explain``: where a node of a trained network looks, drawn for one image.
 
-For one or more checkpoints written by ``deformable demo`` (``<variant>.pt``: the DigitNet
-variant and its state dict), computes three views of one node of one layer on one image —
+For one or more checkpoints of DigitNets (``<variant>.pt`` of ``deformable demo``, or ``last.pt``
+of ``deformable train classify --model digitnet-*``), computes three views of one node of one layer on one image —
 effective sampling locations, effective receptive field, error-bounded saliency region — and
 writes them, the models side by side, to ``--out``:
 
@@ -20,81 +20,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
-import torch
-from torch import Tensor, nn
-
-__all__ = ["ExplainError", "load_checkpoint", "load_image", "main"]
-
-#: side of the demo's images (TransformedDigits' default canvas)
-CANVAS = 40
-
-
-class ExplainError(ValueError):
-    """Bad input to ``deformable explain`` (reported without a traceback)."""
-
-
-def load_checkpoint(path: str) -> tuple[nn.Module, str, dict]:
-    """``(model in eval mode, variant, config)`` from a ``deformable demo`` checkpoint, or a
-    ``deformable train classify --model digitnet-*`` one.
-
-    Args:
-        path (str): a ``<variant>.pt`` file written by ``deformable demo``, or a ``last.pt``.
-
-    Raises ExplainError (a ValueError) naming the file if it is missing, unreadable or not a
-    demo checkpoint.
-    """
-    from deformable.demo import VARIANTS, DigitNet
-
-    if not os.path.isfile(path):
-        raise ExplainError(f"checkpoint {path!r} does not exist")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # any unpickling / zip failure: the file is not a checkpoint
-        raise ExplainError(f"cannot read checkpoint {path!r}: {error}") from None
-    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("model_spec"), dict):
-        # `deformable train classify` on the digits: same network, its own key names
-        name = str(checkpoint["model_spec"].get("model", ""))
-        if not name.startswith("digitnet-"):
-            raise ExplainError(f"checkpoint {path!r} holds a {name!r}; explain draws DigitNet "
-                               "checkpoints (deformable demo, or train classify --model digitnet-*)")  # fmt: skip
-        checkpoint = {"variant": name.split("-", 1)[1], "state_dict": checkpoint["model"],
-                      "config": {"copies": 4}}  # train's digits: TransformedDigits' default copies
-    if not isinstance(checkpoint, dict) or not {"variant", "state_dict"} <= set(checkpoint):
-        raise ExplainError(f"{path!r} is not a checkpoint of `deformable demo` or `deformable "
-                           "train` (expected a dict with keys 'variant' and 'state_dict', or "
-                           "'model_spec' and 'model')")  # fmt: skip
-    variant = checkpoint["variant"]
-    if variant not in VARIANTS:
-        raise ExplainError(f"checkpoint {path!r} has variant {variant!r}; expected one of "
-                           f"{VARIANTS}")  # fmt: skip
-    model = DigitNet(variant)
-    try:
-        model.load_state_dict(checkpoint["state_dict"])
-    except (RuntimeError, TypeError, AttributeError) as error:
-        raise ExplainError(f"checkpoint {path!r} does not fit a DigitNet({variant!r}): "
-                           f"{error}") from None  # fmt: skip
-    return model.eval(), variant, dict(checkpoint.get("config") or {})
-
-
-def load_image(path: str, *, size: int = CANVAS, invert: bool = False) -> Tensor:
-    """A PNG / JPEG file as a grayscale ``Tensor[1, size, size]`` in ``[0, 1]``.
-
-    Raises ExplainError naming the file if it is missing or not an image PIL can read.
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    if not os.path.isfile(path):
-        raise ExplainError(f"image {path!r} does not exist")
-    try:
-        with Image.open(path) as opened:
-            gray = opened.convert("L").resize((size, size), Image.BILINEAR)
-    except (UnidentifiedImageError, OSError, ValueError) as error:
-        raise ExplainError(f"cannot read image {path!r}: {error}") from None
-    pixels = torch.frombuffer(bytearray(gray.tobytes()), dtype=torch.uint8)
-    image = pixels.view(1, size, size).float() / 255
-    return 1 - image if invert else image
+from deformable.analysis.loading import CANVAS, ExplainError, load_digitnet, load_image
+from deformable.commands import run_command
+from deformable.models.digitnet import LABELS
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -128,8 +57,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _labels(paths: list[str], variants: list[str]) -> list[str]:
-    from deformable.demo import LABELS
-
     labels = [LABELS[v] for v in variants]
     if len(set(labels)) < len(labels):  # same variant twice: tell them apart by file
         labels = [f"{label}\n{os.path.basename(p)}" for label, p in zip(labels, paths)]
@@ -138,11 +65,11 @@ def _labels(paths: list[str], variants: list[str]) -> list[str]:
 
 def run(args: argparse.Namespace) -> list[str]:
     """Compute and draw the views; returns the PNG paths written."""
-    from deformable.analysis.chain import layer_chain, most_active_node, resolve_layer, run_to_layer
+    from deformable.analysis.chain import layer_chain, resolve_layer, strongest_node
     from deformable.analysis.figures import VIEWS, node_views, plot_views
     from deformable.data import TransformedDigits
 
-    loaded = [load_checkpoint(p) for p in args.checkpoint]
+    loaded = [load_digitnet(p) for p in args.checkpoint]
     models = [m for m, _, _ in loaded]
     if args.image is not None:
         image = load_image(args.image, invert=args.invert)
@@ -164,12 +91,7 @@ def run(args: argparse.Namespace) -> list[str]:
         raise ExplainError(f"--depth must be >= 0 (0: every layer), got {args.depth}")
     if not 0 <= args.error_bound < 1:
         raise ExplainError(f"--error-bound must be in [0, 1), got {args.error_bound}")
-    if args.node is None:
-        with torch.no_grad():
-            output, _ = run_to_layer(models[0], image[None], dict(chain)[layer])
-        node = most_active_node(output)
-    else:
-        node = tuple(args.node)
+    node = strongest_node(models[0], image, layer) if args.node is None else tuple(args.node)
     try:
         os.makedirs(args.out, exist_ok=True)
     except OSError as error:
@@ -199,16 +121,14 @@ def run(args: argparse.Namespace) -> list[str]:
     return written
 
 
-def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
-    try:
-        written = run(args)
-    except ExplainError as error:
-        print(f"deformable explain: error: {error}", file=sys.stderr)
-        return 2
-    for path in written:
+def _explain(argv: list[str]) -> int:
+    for path in run(_parser().parse_args(argv)):
         print(path)
     return 0
+
+
+def main(argv=None) -> int:
+    return run_command("deformable explain", _explain, argv)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
-"""Training and evaluation loops, checkpoints and metrics logs."""
+"""Training and evaluation: the one training loop, its classification and detection uses,
+checkpoints, metrics logs and torch.distributed."""
 
 from deformable.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from deformable.engine.classification import TrainConfig, evaluate, fit
+from deformable.engine.classification import evaluate, fit
+from deformable.engine.loop import TrainConfig, train_loop
 from deformable.engine.metrics import MetricsLogger
 
 __all__ = ["CheckpointError", "MetricsLogger", "TrainConfig", "evaluate", "fit", "load_checkpoint",
-           "save_checkpoint"]
+           "save_checkpoint", "train_loop"]

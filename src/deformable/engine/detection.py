@@ -1,16 +1,18 @@
-"""Detection: COCO evaluation with pycocotools and the detection use of the train loop."""
+"""Detection: COCO evaluation with pycocotools, and the training loop's detector use."""
 
 from __future__ import annotations
 
 import contextlib
 import io
+from typing import Callable
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset
 
 from deformable.data.coco import CocoDetection, collate
-from deformable.engine.distributed import all_gather_list, rank_and_world
+from deformable.engine.distributed import all_gather_list, shard
+from deformable.engine.loop import TrainConfig, train_loop
 
 #: COCOeval's summary, in its order
 COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -30,9 +32,7 @@ def evaluate_coco(model: nn.Module, data: CocoDetection, batch_size: int = 4) ->
 
     model.eval()
     results = []
-    rank, world = rank_and_world()
-    shard = data if world == 1 else Subset(data, range(rank, len(data), world))
-    for images, targets in DataLoader(shard, batch_size=batch_size, collate_fn=collate):
+    for images, targets in DataLoader(shard(data), batch_size=batch_size, collate_fn=collate):
         for output, target in zip(model(images), targets):
             boxes = output["boxes"].clone()
             boxes[:, 2:] -= boxes[:, :2]  # COCO's [x, y, width, height]
@@ -63,3 +63,13 @@ def detection_loss(model: nn.Module, batch) -> tuple[torch.Tensor, int]:
     images, targets = batch
     losses = model(images, [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets])
     return sum(losses.values()), len(images)
+
+
+def fit(build_model: Callable[[], nn.Module], train_set: Dataset, val_set: CocoDetection,
+        config: TrainConfig, out: str, *, resume: bool = False, progress: bool = True,
+        extra_state: dict | None = None) -> dict:  # fmt: skip
+    """:func:`deformable.engine.loop.train_loop` for a torchvision-style detector: the sum of
+    its losses, COCO box metrics on ``val_set`` after every epoch."""
+    return train_loop(build_model, train_set, val_set, config, out, loss=detection_loss,
+                      evaluate=evaluate_coco, collate_fn=collate, resume=resume,
+                      progress=progress, extra_state=extra_state)  # fmt: skip

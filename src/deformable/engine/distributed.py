@@ -10,7 +10,7 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-__all__ = ["rank_and_world", "session", "all_reduce_sum", "all_gather_list", "barrier"]
+__all__ = ["rank_and_world", "session", "shard", "all_reduce_sum", "all_gather_list", "barrier"]
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -32,6 +32,16 @@ def session() -> Iterator[bool]:
         yield True
     finally:
         dist.destroy_process_group()
+
+
+def shard(data):
+    """This process's share of ``data`` for evaluation: every ``world``-th item from ``rank``, so
+    each item is seen once over the processes (``DistributedSampler`` would repeat some to even
+    out the shards). ``data`` itself in a single process."""
+    rank, world = rank_and_world()
+    if world == 1:
+        return data
+    return torch.utils.data.Subset(data, range(rank, len(data), world))
 
 
 def all_reduce_sum(values: list[float]) -> list[float]:

@@ -1,4 +1,6 @@
-"""Training loop (resumable, reproducible, data-parallel under torchrun) and its classifier use.
+"""The one training loop (resumable, reproducible, data-parallel under torchrun) that every task
+uses: classification (:mod:`deformable.engine.classification`), detection
+(:mod:`deformable.engine.detection`).
 
 Reproducible: the model is initialised from ``seed``, the order of epoch ``e`` is drawn from
 ``seed + e`` alone, and the RNG state is saved with every checkpoint, so a run interrupted after
@@ -21,9 +23,8 @@ from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
 
 from deformable.engine.checkpoint import load_checkpoint, save_checkpoint
 from deformable.engine.distributed import all_reduce_sum, rank_and_world
@@ -44,24 +45,8 @@ class TrainConfig:
     seed: int = 0
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, data: Dataset, batch_size: int = 256) -> dict[str, float]:
-    """Accuracy and mean cross-entropy of ``model`` on ``data`` (sharded under torchrun)."""
-    rank, world = rank_and_world()
-    # each image once (DistributedSampler would repeat some to even out the shards)
-    shard = data if world == 1 else Subset(data, range(rank, len(data), world))
-    model.eval()
-    correct = loss = count = 0.0
-    for images, labels in DataLoader(shard, batch_size=batch_size):
-        logits = model(images)
-        loss += F.cross_entropy(logits, labels, reduction="sum").item()
-        correct += (logits.argmax(1) == labels).sum().item()
-        count += len(labels)
-    correct, loss, count = all_reduce_sum([correct, loss, count])
-    return {"accuracy": correct / max(count, 1), "loss": loss / max(count, 1)}
-
-
-def _progress(iterable, total, desc, enabled):
+def progress_bar(iterable, total: int, desc: str, enabled: bool):
+    """``iterable`` behind a tqdm bar on stderr when ``enabled``."""
     if not enabled:
         return iterable
     from tqdm import tqdm
@@ -121,7 +106,7 @@ def train_loop(build_model: Callable[[], nn.Module], train_set: Dataset, val_set
                                 collate_fn=collate_fn)  # fmt: skip
             trained.train()
             start, total, seen = time.perf_counter(), 0.0, 0
-            for batch in _progress(loader, len(loader), f"epoch {epoch + 1}/{config.epochs}",
+            for batch in progress_bar(loader, len(loader), f"epoch {epoch + 1}/{config.epochs}",
                                    progress and rank == 0):  # fmt: skip
                 value, count = loss(trained, batch)
                 optimizer.zero_grad(set_to_none=True)
@@ -152,17 +137,3 @@ def train_loop(build_model: Callable[[], nn.Module], train_set: Dataset, val_set
         if logger is not None:
             logger.close()
     return history
-
-
-def _classification_loss(model: nn.Module, batch) -> tuple[torch.Tensor, int]:
-    images, labels = batch
-    return F.cross_entropy(model(images), labels), len(labels)
-
-
-def fit(build_model: Callable[[], nn.Module], train_set: Dataset, val_set: Dataset,
-        config: TrainConfig, out: str, *, resume: bool = False, progress: bool = True,
-        extra_state: dict | None = None) -> dict:  # fmt: skip
-    """:func:`train_loop` for a classifier: cross-entropy, validation accuracy and loss."""
-    return train_loop(build_model, train_set, val_set, config, out, loss=_classification_loss,
-                      evaluate=evaluate, resume=resume, progress=progress,
-                      extra_state=extra_state)  # fmt: skip

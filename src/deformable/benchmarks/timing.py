@@ -1,0 +1,73 @@
+"""Timing and memory measurement shared by the benchmark suites."""
+
+from __future__ import annotations
+
+import gc
+import os
+import re
+import statistics
+import time
+
+__all__ = ["median_ms", "peak_extra_mib"]
+
+
+def median_ms(fns: dict, repeats: int) -> dict:
+    """Median time (ms) of each function over ``repeats`` runs after a warm-up.
+
+    One function at a time, not in turns: torch's OpenMP workers and onnxruntime's pool spin
+    for a while after each parallel region, so a function run right after another one's would
+    be charged for its neighbour's spinning threads.
+    """
+    result = {}
+    for name, fn in fns.items():
+        fn()  # warm-up: compilation, allocator, caches
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        result[name] = statistics.median(times) * 1e3
+    return result
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            match = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M)
+        return int(match.group(1)) if match else None
+    except OSError:
+        return None
+
+
+def _release_freed_memory() -> bool:
+    """Make glibc hand freed blocks back to the OS at once, so RSS follows live memory."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD: fixed, so big blocks are mmapped
+        libc.malloc_trim(0)
+        return True
+    except (OSError, AttributeError):
+        return False
+
+
+def peak_extra_mib(fn, accounted_bytes: int) -> float | None:
+    """Rise of the peak RSS while ``fn`` runs, less ``accounted_bytes`` (outputs, gradients)."""
+    if not _release_freed_memory():
+        return None
+    fn()  # warm-up under the fixed threshold, then let go of what it freed
+    gc.collect()
+    _release_freed_memory()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+    except OSError:
+        return None
+    before = _status_kib("VmRSS")
+    fn()
+    peak = _status_kib("VmHWM")
+    if before is None or peak is None:
+        return None
+    return max(0.0, (peak - before) * 1024 - accounted_bytes) / 2**20
+

@@ -1,0 +1,37 @@
+"""``deformable eval``: evaluate a checkpoint of ``deformable train`` (or of ``deformable demo``)
+on its validation data or on ``--data``: accuracy and loss of a classifier, COCO box metrics of
+a detector."""
+
+from __future__ import annotations
+
+import argparse
+
+from deformable.commands import run_command
+from deformable.engine import CheckpointError, load_checkpoint
+from deformable.experiments.detection import percent
+from deformable.experiments.runs import evaluate_checkpoint
+
+
+def _evaluate(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="deformable eval", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="a last.pt written by deformable train")
+    parser.add_argument("--data", help="'digits', 'scenes' or a folder (default: the training data)")
+    args = parser.parse_args(argv)
+    state = load_checkpoint(args.checkpoint)
+    if "model_spec" not in state:
+        raise CheckpointError(f"checkpoint {args.checkpoint!r} was not written by deformable train")
+    metrics, count = evaluate_checkpoint(state, args.data)
+    epoch = f"epoch {state['epoch'] + 1}"
+    if state["model_spec"].get("task") == "detect":
+        print("  ".join(f"{k} {percent(v)}" for k, v in metrics.items()) + f"  ({count} images), {epoch}")
+    else:
+        print(f"accuracy {100 * metrics['accuracy']:.2f}%  loss {metrics['loss']:.4f}  ({count} images, {epoch})")
+    return 0
+
+
+def main(argv=None) -> int:
+    return run_command("deformable eval", _evaluate, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
