@@ -23,17 +23,15 @@ def load_digitnet(path: str) -> tuple[nn.Module, str, dict]:
     ``deformable demo`` (``<variant>.pt``) or ``deformable train classify --model digitnet-*``
     (``last.pt``); ``data options`` holds the ``copies`` of its digits.
 
-    Raises ExplainError (a ValueError) naming the file if it is missing, unreadable or not a
-    DigitNet checkpoint. The file is read with ``weights_only=True``: it cannot run code.
+    Raises CheckpointError naming the file if it is missing, unreadable or unsafe (it is read by
+    :func:`deformable.engine.load_checkpoint`: it cannot run code), ExplainError if it is not a
+    DigitNet checkpoint.
     """
     from deformable.models.digitnet import VARIANTS, DigitNet
 
-    if not os.path.isfile(path):
-        raise ExplainError(f"checkpoint {path!r} does not exist")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # any unpickling / zip failure: the file is not a checkpoint
-        raise ExplainError(f"cannot read checkpoint {path!r}: {error}") from None
+    from deformable.engine.checkpoint import load_checkpoint
+
+    checkpoint = load_checkpoint(path)  # a CheckpointError names the file; nothing of it runs
     if isinstance(checkpoint, dict) and isinstance(checkpoint.get("model_spec"), dict):
         # `deformable train classify` on the digits: same network, its own key names
         name = str(checkpoint["model_spec"].get("model", ""))
