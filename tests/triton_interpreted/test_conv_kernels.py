@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import torchvision
 
 from helpers import assert_close
-from deformable.ops import _triton_conv, deform_conv2d, reference
+from deformable.ops import KernelUnavailableError, _triton_conv, deform_conv2d, kernels, reference
 from deformable.ops.deform_conv import output_size
 
 TENSORS = ("input", "offset", "weight", "bias", "mask")
@@ -265,3 +265,10 @@ def test_float64_runs_the_reference(launches):
         assert_close(grads[name], expected_grads[name])
     assert launches == {"forward": 0, "backward": 0}
 
+
+def test_kernels_compiled_for_the_gpu_are_reported(monkeypatch):
+    """A kernel module imported before TRITON_INTERPRET=1 holds compiled kernels: CPU tensors
+    then get an error saying so rather than a crash in the launcher."""
+    monkeypatch.setattr(_triton_conv, "INTERPRETED", False)
+    with pytest.raises(KernelUnavailableError, match="imported before TRITON_INTERPRET=1"):
+        kernels.select("cpu")
