@@ -14,6 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from helpers import assert_close
 from deformable.ops import KernelUnavailableError, _triton_conv, deform_conv2d, kernels, reference
@@ -119,6 +121,37 @@ CONFIGS = {
 def test_matches_reference_and_torchvision(config, launches):
     check_against_oracles(make(**config))
     assert launches == {"forward": 1, "backward": 1}
+
+
+@settings(max_examples=8, deadline=None, derandomize=True)
+@given(
+    batch=st.integers(1, 2),
+    channels_per_group=st.integers(1, 3),
+    offset_groups=st.integers(1, 3),
+    weight_groups=st.integers(1, 2),
+    out_per_group=st.integers(1, 3),
+    kernel=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+    stride=st.tuples(st.integers(1, 2), st.integers(1, 2)),
+    padding=st.tuples(st.integers(0, 2), st.integers(0, 2)),
+    dilation=st.tuples(st.integers(1, 2), st.integers(1, 2)),
+    extra=st.tuples(st.integers(0, 4), st.integers(0, 4)),
+    offset_scale=st.sampled_from([0.0, 0.5, 3.0, 30.0]),
+    modulated=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_property_matches_reference(batch, channels_per_group, offset_groups, weight_groups,
+                                    out_per_group, kernel, stride, padding, dilation, extra,
+                                    offset_scale, modulated, seed):  # fmt: skip
+    torch.manual_seed(seed)
+    kh, kw = kernel
+    height = max(1, dilation[0] * (kh - 1) + 1 - 2 * padding[0]) + extra[0]
+    width = max(1, dilation[1] * (kw - 1) + 1 - 2 * padding[1]) + extra[1]
+    args = make(batch=batch, channels=channels_per_group * offset_groups * weight_groups,
+                height=height, width=width, out_channels=out_per_group * weight_groups,
+                kernel=kernel, stride=stride, padding=padding, dilation=dilation,
+                weight_groups=weight_groups, offset_groups=offset_groups,
+                offset_scale=offset_scale, modulated=modulated)  # fmt: skip
+    check_against_oracles(args, torchvision_too=False)
 
 
 def test_several_tiles_per_dimension(monkeypatch, launches):
