@@ -234,12 +234,12 @@ class _CountingKernel:
 
 
 def test_deterministic_path_is_repeatable_and_matches_atomics(monkeypatch):
-    args = make(batch=2, channels=8, height=9, width=7, out_channels=6, offset_groups=2,
-                kernel=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1))  # fmt: skip
+    args = make(batch=2, channels=8, height=7, width=7, out_channels=6, offset_groups=2,
+                kernel=(2, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1))  # fmt: skip
     atomic, atomic_grads, grad_out = grads_of(deform_conv2d, args)
     scatter = _CountingKernel(_triton_conv._scatter_reduce_kernel)
     monkeypatch.setattr(_triton_conv, "_scatter_reduce_kernel", scatter)
-    # slabs of 64 positions: the 126 positions take two, each sorted and reduced on its own
+    # slabs of 64 positions: the 2 x 8 x 7 positions take two, each sorted and reduced on its own
     monkeypatch.setattr(_triton_conv, "DETERMINISTIC_TILE_BYTES", 1)
     with deterministic_algorithms():
         runs = [grads_of(deform_conv2d, args, grad_out) for _ in range(2)]
