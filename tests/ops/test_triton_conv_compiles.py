@@ -56,3 +56,14 @@ def test_kernels_compile_for_sm80(dtype, tmp_path, monkeypatch):
                     dict(gx_ptr="*fp32", gs_ptr="*fp32", cw_ptr="*fp32", order_ptr="*i64",
                          seg_key_ptr="*i64", seg_start_ptr="*i64", seg_count_ptr="*i64"),
                     dict(BLOCK_E=16, BLOCK_C=32))  # fmt: skip
+
+
+def test_image_sizes_are_not_specialised():
+    """One binary per layer shape class: Triton specialises integer arguments (== 1, multiple of
+    16) unless told not to; the sizes that change with the batch and the image are told."""
+    varying = {"M", "m_start", "m_end", "nowhere", "per_split", "P", "H", "W", "Wo"}
+    for kernel in (_triton_conv._forward_kernel, _triton_conv._grad_sample_kernel,
+                   _triton_conv._grad_weight_kernel):  # fmt: skip
+        present = varying & set(kernel.arg_names)
+        assert present >= {"P", "H", "W", "Wo"}
+        assert {p.name for p in kernel.params if p.do_not_specialize} == present
