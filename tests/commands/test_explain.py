@@ -64,7 +64,7 @@ def test_an_image_file_a_layer_and_a_node(checkpoints, tmp_path):
 
 @pytest.mark.parametrize("case, message", [
     ("missing_checkpoint", "checkpoint '{tmp}/nope.pt' does not exist"),
-    ("not_a_checkpoint", "cannot read checkpoint '{tmp}/text.pt'"),
+    ("not_a_checkpoint", "checkpoint '{tmp}/text.pt' cannot be read"),
     ("wrong_dict", "is not a checkpoint of `deformable demo`"),
     ("bad_layer", "--layer: layer 'features.99' is not in the model's layer chain; valid names: "),
     ("bad_index", "--index must be in [0, 450)"),

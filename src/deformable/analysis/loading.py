@@ -46,13 +46,10 @@ class Explainable:
     data: str | None = None
 
 
-def _read(path: str):
-    if not os.path.isfile(path):
-        raise ExplainError(f"checkpoint {path!r} does not exist")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # any unpickling / zip failure: the file is not a checkpoint
-        raise ExplainError(f"cannot read checkpoint {path!r}: {error}") from None
+def _read(path: str) -> dict:
+    from deformable.engine.checkpoint import load_checkpoint
+
+    return load_checkpoint(path)  # a CheckpointError names the file; nothing of it runs
 
 
 def load_explainable(path: str) -> Explainable:
@@ -60,9 +57,9 @@ def load_explainable(path: str) -> Explainable:
     ``deformable demo``, ``last.pt`` of ``train classify --model digitnet-*``) or a Faster /
     Mask R-CNN (``last.pt`` of ``deformable train detect``), rebuilt in eval mode.
 
-    Raises ExplainError (a ValueError) naming the file if it is missing, unreadable, or holds
-    another kind of network (a ResNet classifier, an R-FCN: it has no 2fc box head). The file
-    is read with ``weights_only=True``: it cannot run code.
+    Raises CheckpointError naming the file if it is missing, unreadable or unsafe (it is read by
+    :func:`deformable.engine.load_checkpoint`: it cannot run code), ExplainError if it holds
+    another kind of network (a ResNet classifier, an R-FCN: it has no 2fc box head).
     """
     checkpoint = _read(path)
     spec = checkpoint.get("model_spec") if isinstance(checkpoint, dict) else None
@@ -125,8 +122,9 @@ def load_digitnet(path: str) -> tuple[nn.Module, str, dict]:
     ``deformable demo`` (``<variant>.pt``) or ``deformable train classify --model digitnet-*``
     (``last.pt``); ``data options`` holds the ``copies`` of its digits.
 
-    Raises ExplainError (a ValueError) naming the file if it is missing, unreadable or not a
-    DigitNet checkpoint. The file is read with ``weights_only=True``: it cannot run code.
+    Raises CheckpointError naming the file if it is missing, unreadable or unsafe (it is read by
+    :func:`deformable.engine.load_checkpoint`: it cannot run code), ExplainError if it is not a
+    DigitNet checkpoint.
     """
     return _digitnet(path, _read(path))
 

@@ -9,7 +9,7 @@ import sys
 import torch
 
 from deformable.benchmarks import conv
-from deformable.commands import run_command, write_json
+from deformable.commands import positive, run_command, write_json
 
 
 def _bench(argv: list[str]) -> int:
@@ -21,8 +21,7 @@ def _bench(argv: list[str]) -> int:
                         help="skip torchvision (its backward is slow on large shapes)")
     parser.add_argument("--json", metavar="PATH", help="also write the measurements as JSON")
     args = parser.parse_args(argv)
-    if args.repeats < 1:
-        parser.error("--repeats must be >= 1")
+    positive(parser, args, "repeats")
     shapes = conv.SHAPES if args.shapes == "all" else conv.QUICK_SHAPES
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of "
           f"{args.repeats}; ratios against F.conv2d in this run", file=sys.stderr)

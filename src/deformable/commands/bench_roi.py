@@ -10,7 +10,7 @@ import sys
 import torch
 
 from deformable.benchmarks import roi
-from deformable.commands import run_command, write_json
+from deformable.commands import positive, run_command, write_json
 
 
 def _bench(argv: list[str]) -> int:
@@ -19,8 +19,7 @@ def _bench(argv: list[str]) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny shapes, for a smoke run")
     parser.add_argument("--json", metavar="PATH", help="also write the measurements as JSON")
     args = parser.parse_args(argv)
-    if args.repeats < 1:
-        parser.error("--repeats must be >= 1")
+    positive(parser, args, "repeats")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of "
           f"{args.repeats}; ratios against torchvision in this run", file=sys.stderr)
     rows = roi.run(roi.QUICK if args.quick else roi.FULL, args.repeats)

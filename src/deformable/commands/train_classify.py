@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 
-from deformable.commands import add_train_config_arguments, run_command, train_config
+from deformable.commands import add_train_config_arguments, positive, run_command, stage_list, train_config
 from deformable.engine import distributed
 from deformable.experiments.runs import train_classifier
 from deformable.models.build import CLASSIFIERS
@@ -32,7 +32,8 @@ def _train(argv: list[str]) -> int:
     add_train_config_arguments(parser)
     args = parser.parse_args(argv)
     config = train_config(parser, args)
-    spec = {"model": args.model, "deform_stages": args.deform_stages, "modulated": args.modulated,
+    positive(parser, args, "limit", "image-size")
+    spec = {"model": args.model, "deform_stages": stage_list(parser, args.deform_stages), "modulated": args.modulated,
             "image_size": args.image_size}  # fmt: skip
     if args.resume and not os.path.exists(os.path.join(args.out, "last.pt")):
         print(f"deformable train: nothing to resume in {args.out!r}; starting afresh", file=sys.stderr)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 
-from deformable.commands import add_train_config_arguments, run_command, train_config
+from deformable.commands import add_train_config_arguments, positive, run_command, stage_list, train_config
 from deformable.engine import distributed
 from deformable.experiments.detection import run_ablation
 from deformable.experiments.runs import train_detector
@@ -44,13 +44,11 @@ def _train(argv: list[str]) -> int:
     add_train_config_arguments(parser, epochs=12, batch_size=8, lr=1e-3)
     args = parser.parse_args(argv)
     config = train_config(parser, args)
-    if args.seeds < 1:
-        parser.error("--seeds must be >= 1")
-    if args.mimic_crop_size < 1 or args.mimic_rois_per_image < 1:
-        parser.error("--mimic-crop-size and --mimic-rois-per-image must be >= 1")
+    positive(parser, args, "seeds", "limit", "mimic-crop-size", "mimic-rois-per-image")
+    positive(parser, args, "image-size", minimum=32)  # the FPN's five levels need a few pixels each
     if args.ablation and args.model.startswith("rfcn"):
         parser.error("--ablation trains the Faster R-CNN settings; choose a fasterrcnn --model")
-    spec = {"task": "detect", "model": args.model, "deform_stages": args.deform_stages,
+    spec = {"task": "detect", "model": args.model, "deform_stages": stage_list(parser, args.deform_stages),
             "modulated": not args.v1, "roi_pool": args.roi_pool, "mimic": args.mimic,
             "mimic_crop_size": args.mimic_crop_size, "mimic_rois_per_image": args.mimic_rois_per_image,
             "image_size": args.image_size}  # fmt: skip

@@ -6,7 +6,7 @@ Reproducible: the model is initialised from ``seed``, the order of epoch ``e`` i
 ``seed + e`` alone, and the RNG state is saved with every checkpoint, so a run interrupted after
 any finished epoch and resumed with ``resume=True`` ends with the same weights as one that never
 stopped (the deformable kernels are deterministic too). A checkpoint (``last.pt``) is written at
-the end of every epoch, atomically.
+the end of every epoch, atomically and durably (:mod:`deformable.engine.checkpoint`).
 
 Data-parallel: when ``torch.distributed`` is initialised (``torchrun``), every process trains on
 its shard (``DistributedSampler``), gradients are averaged by ``DistributedDataParallel``,
@@ -26,14 +26,32 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
 
-from deformable.engine.checkpoint import load_checkpoint, save_checkpoint
+from deformable.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from deformable.engine.distributed import all_reduce_sum, rank_and_world
 from deformable.engine.metrics import MetricsLogger
 from deformable.nn import param_groups
 
 
+class ConfigError(ValueError):
+    """A training setting that cannot work; ``field`` names it, ``reason`` says what is expected."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field} {reason}")
+        self.field, self.reason = field, reason
+
+
+class ResumeError(CheckpointError):
+    """A checkpoint to resume from was trained with other settings."""
+
+
 @dataclass
 class TrainConfig:
+    """The settings of one training run (a resumed run must keep them all).
+
+    Raises ConfigError for a setting that cannot work (a non-finite or non-positive learning
+    rate, an empty epoch count, ...).
+    """
+
     epochs: int = 10
     batch_size: int = 64
     lr: float = 2e-3
@@ -43,6 +61,32 @@ class TrainConfig:
     #: ... and of deformable RoI pooling (DCNv1's 0.01)
     roi_offset_lr_mult: float = 0.01
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(name, f"must be an integer >= 1, got {value!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError("seed", f"must be an integer >= 0, got {self.seed!r}")
+        for name, lowest in (("lr", "> 0"), ("weight_decay", ">= 0"), ("offset_lr_mult", ">= 0"),
+                             ("roi_offset_lr_mult", ">= 0")):  # fmt: skip
+            value = getattr(self, name)
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not number or not math.isfinite(value) or value < 0 or (lowest == "> 0" and value == 0):
+                raise ConfigError(name, f"must be a finite number {lowest}, got {value!r}")
+
+
+def _differences(saved: dict, now: dict, prefix: str = "") -> list[str]:
+    """``name: A in the checkpoint, B now`` for every setting that differs (one level of dicts)."""
+    lines = []
+    for key in sorted(set(saved) | set(now), key=str):
+        old, new = saved.get(key), now.get(key)
+        if isinstance(old, dict) and isinstance(new, dict) and not prefix:
+            lines += _differences(old, new, f"{key}.")
+        elif old != new:
+            lines.append(f"{prefix}{key}: {old!r} in the checkpoint, {new!r} now")
+    return lines
 
 
 def progress_bar(iterable, total: int, desc: str, enabled: bool):
@@ -64,7 +108,8 @@ def train_loop(build_model: Callable[[], nn.Module], train_set: Dataset, val_set
     a dict of metrics (the first one is printed). Writes ``<out>/last.pt`` (model, optimiser,
     scheduler, RNG state, history, config and ``extra_state``, e.g. how to rebuild the model)
     and ``<out>/metrics.csv`` / ``<out>/tensorboard`` after every epoch. With ``resume=True`` it
-    continues from ``<out>/last.pt`` (a ValueError if the saved config differs from ``config``).
+    continues from ``<out>/last.pt`` (a ResumeError naming every setting — ``config`` or
+    ``extra_state`` — that differs from the checkpoint's).
 
     Returns the history: per-epoch ``train_loss``, ``val_<metric>`` and ``seconds``.
     """
@@ -83,8 +128,15 @@ def train_loop(build_model: Callable[[], nn.Module], train_set: Dataset, val_set
     start_epoch = 0
     if resume and os.path.exists(path):
         state = load_checkpoint(path)
-        if state.get("config") != asdict(config):
-            raise ValueError(f"resume: {path} was trained with {state.get('config')}, not {asdict(config)}")
+        saved = {"config": state.get("config"), **{k: state.get(k) for k in extra_state or {}}}
+        differences = _differences(saved, {"config": asdict(config), **(extra_state or {})})
+        if differences:
+            raise ResumeError(
+                f"cannot resume {path!r}: it was trained with other settings ("
+                + "; ".join(d.removeprefix("config.") for d in differences)
+                + "). Resume with the checkpoint's settings, or start a new run in another folder"
+                " (a run's schedule depends on all of them, so a changed run cannot continue it)"
+            )
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
