@@ -103,6 +103,26 @@ def test_bin_samples_follow_the_fpn_down_every_stage(regular, image):
     assert torch.allclose(found.weights, torch.full((len(found.weights),), 0.25))
 
 
+def test_the_fpn_reads_each_stage_where_the_paths_say(regular):
+    """Independent of the analysis: with the FPN's 3x3 output convs cut to their centre tap, the
+    gradient of P2 at p reaches each stage C_k at exactly one position, the one the paths use."""
+    import copy
+    from collections import OrderedDict
+
+    fpn = copy.deepcopy(regular.backbone.fpn)
+    with torch.no_grad():
+        for block in fpn.layer_blocks:
+            conv = block[0]
+            centre = conv.weight[:, :, 1, 1].clone()
+            conv.weight.zero_()
+            conv.weight[:, :, 1, 1] = centre
+    stages = OrderedDict((str(i), torch.randn(1, c, s, s, requires_grad=True))
+                         for i, (c, s) in enumerate([(64, 16), (128, 8), (256, 4), (512, 2)]))  # fmt: skip
+    fpn(stages)["0"][0, :, 5, 9].sum().backward()
+    reached = [torch.nonzero(x.grad[0].abs().sum(0)).tolist() for x in stages.values()]
+    assert reached == [[[5, 9]], [[2, 4]], [[1, 2]], [[0, 1]]]  # floor(p / 2), again and again
+
+
 def test_a_large_box_is_pooled_from_a_coarser_level():
     detector = build("align", size=160)
     picture = torch.rand(3, 160, 160)
