@@ -140,14 +140,16 @@ def _resolve(model, image, layer, chain, where):
 
 
 def span_start(path, depth, where) -> int:
-    """Index of the first layer propagated with all its taps (``depth`` convolutions back)."""
+    """Index of the first layer propagated with all its taps (``depth`` convolutions back,
+    counting those with more than one tap: a 1x1 conv keeps every point where it is)."""
     if depth is None:
         return 0
     if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
         raise ValueError(f"{where}: depth must be a positive int or None, got {depth!r}")
     seen = 0
     for i in range(len(path) - 1, -1, -1):
-        if isinstance(path[i][1], (nn.Conv2d, DeformConv2d)):
+        module = path[i][1]
+        if isinstance(module, (nn.Conv2d, DeformConv2d)) and _pair(module.kernel_size) != (1, 1):
             seen += 1
             if seen == depth:
                 return i
@@ -180,9 +182,10 @@ def sampling_locations(model: nn.Module, image: Tensor, layer: str | None = None
         node (Tuple[int, int], optional): ``(y, x)`` of the node in the layer's output map.
             Default: the position with the largest response (L2 norm over channels).
         depth (int, optional): propagate through the taps of the last ``depth`` convolutions up
-            to ``layer`` (DCNv1's figures use 3); the layers before them map each point to their
-            kernel's centre (offsets ignored), which places the points in the image. Default:
-            None, every layer.
+            to ``layer`` (DCNv1's figures use 3), not counting 1x1 convs (a bottleneck's 1x1
+            convs keep points where they are, so a ResNet-50 node reads ``9**depth`` points too);
+            the layers before them map each point to their kernel's centre (offsets ignored),
+            which places the points in the image. Default: None, every layer.
         pool (str): how a pool of kernel ``k`` and stride ``s`` maps a point: ``"centre"``
             (default) to the centre of its ``k x k`` window, ``s * p - padding + (k - 1) / 2``
             (the max / average is over the window, so its centre is where it reads on average;
