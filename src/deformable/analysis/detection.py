@@ -327,7 +327,7 @@ def roi_node_sampling_locations(detector: nn.Module, image: Tensor, box, *, dept
         if index > order.index(keys[level]):
             current = _nearest_source(current, sizes_of[order[index - 1]], sizes_of[key])
         end = max(i for i, name in enumerate(names) if name.split(".")[0] == stage)
-        path = chain[: end + 1]
+        path = [(f"backbone.body.{name}", module) for name, module in chain[: end + 1]]
         start = span_start(path, depth, where)
         moved, weight = propagate(path, current, sample_weights, start=start, pool=pool, seen=seen,
                                   max_points=max_points, where=where)  # fmt: skip

@@ -95,7 +95,8 @@ def _frame(ax, shape) -> None:
 
 
 def draw_sampling(ax, image: Tensor, views: NodeViews) -> None:
-    """Points as red dots (area ∝ summed weight of the paths reaching them) over the image."""
+    """Points as red dots (area ∝ summed weight of the paths reaching them) over the image; a
+    per-RoI node's bins (their samples' weighted mean) as cyan crosses, its box in yellow."""
     pixels, cmap = _display(image)
     ax.imshow(pixels, cmap=cmap, vmin=0 if cmap else None, vmax=1 if cmap else None)
     # the node's mark first: the points it reads (often one under it) stay visible
@@ -104,15 +105,17 @@ def draw_sampling(ax, image: Tensor, views: NodeViews) -> None:
     keep = weights > 0
     points, weights = points[keep], weights[keep]
     if len(weights):
-        size = 2 + 30 * (weights / weights.max()).numpy()
+        # dense clouds (a RoI's thousands of points) get smaller dots, so they stay apart
+        largest = 30 * min(1.0, (1500 / len(weights)) ** 0.5)
+        size = 1 + max(largest, 4) * (weights / weights.max()).numpy()
         ax.scatter(points[:, 1].numpy(), points[:, 0].numpy(), s=size, c="tab:red", alpha=0.6,
                    edgecolors="none")  # fmt: skip
     if views.bins is not None and len(views.bins):
         bins, bin_weights = _merge(views.bins, views.bin_weights if views.bin_weights is not None
                                    else torch.ones(len(views.bins)))  # fmt: skip
-        size = 8 + 40 * (bin_weights / bin_weights.max().clamp_min(1e-12)).numpy()
+        size = 4 + 20 * (bin_weights / bin_weights.max().clamp_min(1e-12)).numpy()
         ax.scatter(bins[:, 1].numpy(), bins[:, 0].numpy(), s=size, c="cyan", marker="+",
-                   linewidths=1.2)  # fmt: skip
+                   linewidths=0.8)  # fmt: skip
     _draw_box(ax, views)
     _frame(ax, image.shape)
 
@@ -207,7 +210,7 @@ def plot_views(image: Tensor, rows: list[NodeViews], path: str, *,
         raise ValueError("plot_views: rows must hold at least one NodeViews")
     n_rows, n_cols = (len(views), len(rows)) if transpose else (len(rows), len(views))
     fig, axes = plt.subplots(n_rows, n_cols, squeeze=False,
-                             figsize=(2.9 * n_cols, 3.0 * n_rows + (0.4 if title else 0)))  # fmt: skip
+                             figsize=(2.9 * n_cols, 3.0 * n_rows + (0.7 if title else 0)))  # fmt: skip
     for r, model_views in enumerate(rows):
         for c, key in enumerate(views):
             ax = axes[c, r] if transpose else axes[r, c]
