@@ -273,8 +273,8 @@ def roi_node_sampling_locations(detector: nn.Module, image: Tensor, box, *, dept
         detector (nn.Module): a Faster / Mask R-CNN of :mod:`deformable.models.detection`.
         image (Tensor[3, H, W]): RGB in [0, 1], at the detector's size (:func:`fit_image`).
         box (Tuple[float, float, float, float]): the RoI, ``(x1, y1, x2, y2)`` in image pixels.
-        depth (int, optional): convolutions followed with all their taps on each path (None:
-            every one). Default: 1.
+        depth (int, optional): convolutions followed with all their taps on each path, not
+            counting 1x1 convs (None: every one). Default: 1.
         pool (str): how the stem's max pool maps a point (see
             :func:`~deformable.analysis.sampling_locations`). Default: ``"centre"``.
         max_points (int): refuse (ValueError) to build more points than this. Default: 2,000,000.
