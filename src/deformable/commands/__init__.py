@@ -18,15 +18,17 @@ from typing import Callable
 from deformable.analysis.loading import ExplainError
 from deformable.data import DataError
 from deformable.engine import CheckpointError, ConfigError, TrainConfig, WriteError
+from deformable.engine.devices import DeviceError
 from deformable.ops import KernelUnavailableError
 
-__all__ = ["USER_ERRORS", "add_train_config_arguments", "positive", "run_command", "stage_list",
+__all__ = ["USER_ERRORS", "add_device_argument", "add_train_config_arguments", "positive", "run_command", "stage_list",
            "train_config", "write_json"]
 
 #: The library's exceptions that mean "the input (or the disk) is wrong", not "the code is wrong":
 #: bad data, unsafe or mismatched checkpoints, bad analysis input, impossible settings, kernels
 #: that cannot run on the device, a full disk.
-USER_ERRORS = (DataError, CheckpointError, ExplainError, ConfigError, KernelUnavailableError, WriteError)
+USER_ERRORS = (DataError, CheckpointError, ExplainError, ConfigError, DeviceError, KernelUnavailableError,
+               WriteError)
 
 
 def run_command(prog: str, main: Callable[[list[str]], int], argv: list[str] | None) -> int:
@@ -48,7 +50,14 @@ def add_train_config_arguments(parser: argparse.ArgumentParser, **defaults) -> N
     for f in fields(TrainConfig):
         default = defaults.get(f.name, f.default)
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=default,
-                            help=f"(default: {default})")  # fmt: skip
+                            choices=f.metadata.get("choices"), help=f"(default: {default})")  # fmt: skip
+
+
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    """``--device auto|cpu|cuda|cuda:N`` (auto: CUDA when available)."""
+    parser.add_argument("--device", default="auto", metavar="auto|cpu|cuda|cuda:N",
+                        help="where to compute (default: auto, CUDA when available; under torchrun "
+                             "cuda means each process's own GPU)")  # fmt: skip
 
 
 def train_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> TrainConfig:

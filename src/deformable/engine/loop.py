@@ -19,7 +19,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from typing import Callable
 
 import torch
@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
 
 from deformable.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from deformable.engine.devices import AMP_DTYPES, autocast, grad_scaler, to_device
 from deformable.engine.distributed import all_reduce_sum, rank_and_world
 from deformable.engine.metrics import MetricsLogger
 from deformable.nn import param_groups
@@ -61,8 +62,12 @@ class TrainConfig:
     #: ... and of deformable RoI pooling (DCNv1's 0.01)
     roi_offset_lr_mult: float = 0.01
     seed: int = 0
+    #: mixed precision: ``none``, ``bf16`` or ``fp16`` (autocast; fp16 with a gradient scaler)
+    amp: str = field(default="none", metadata={"choices": tuple(AMP_DTYPES)})
 
     def __post_init__(self) -> None:
+        if self.amp not in AMP_DTYPES:
+            raise ConfigError("amp", f"must be one of {', '.join(AMP_DTYPES)}, got {self.amp!r}")
         for name in ("epochs", "batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -98,28 +103,53 @@ def progress_bar(iterable, total: int, desc: str, enabled: bool):
     return tqdm(iterable, total=total, desc=desc, leave=False, file=sys.stderr, dynamic_ncols=True)
 
 
+def _saved_config(state: dict) -> dict:
+    """The checkpoint's config, with the defaults of settings added since it was written."""
+    saved = dict(state.get("config") or {})
+    for f in fields(TrainConfig):
+        saved.setdefault(f.name, f.default)
+    return saved
+
+
+def loader_options(device: torch.device, workers: int | None = None) -> dict:
+    """DataLoader options for ``device``: on CUDA, worker processes and pinned memory (the GPU
+    must not wait for the next batch); on the CPU the main process loads (the cores compute)."""
+    if workers is None:
+        workers = min(4, os.cpu_count() or 1) if device.type == "cuda" else 0
+    return {"num_workers": workers, "pin_memory": device.type == "cuda",
+            "persistent_workers": workers > 0}  # fmt: skip
+
+
 def train_loop(build_model: Callable[[], nn.Module], train_set: Dataset, val_set: Dataset,
                config: TrainConfig, out: str, *, loss: Callable, evaluate: Callable,
                collate_fn: Callable | None = None, resume: bool = False, progress: bool = True,
-               extra_state: dict | None = None) -> dict:  # fmt: skip
-    """Train ``build_model()`` on ``train_set``, evaluating on ``val_set`` after every epoch.
+               extra_state: dict | None = None, device: torch.device | str = "cpu",
+               workers: int | None = None) -> dict:  # fmt: skip
+    """Train ``build_model()`` on ``train_set`` on ``device``, evaluating on ``val_set`` after
+    every epoch.
 
-    ``loss(model, batch)`` returns ``(loss, samples in the batch)``; ``evaluate(model, val_set)``
-    a dict of metrics (the first one is printed). Writes ``<out>/last.pt`` (model, optimiser,
-    scheduler, RNG state, history, config and ``extra_state``, e.g. how to rebuild the model)
-    and ``<out>/metrics.csv`` / ``<out>/tensorboard`` after every epoch. With ``resume=True`` it
+    ``loss(model, batch)`` returns ``(loss, samples in the batch)`` for a batch already on the
+    model's device (it runs under autocast when ``config.amp`` asks for it);
+    ``evaluate(model, val_set)`` a dict of metrics (the first one is printed), on the model's
+    device. Writes ``<out>/last.pt`` (model, optimiser, scheduler, gradient scaler, RNG states,
+    history, config and ``extra_state``, e.g. how to rebuild the model) and
+    ``<out>/metrics.csv`` / ``<out>/tensorboard`` after every epoch. With ``resume=True`` it
     continues from ``<out>/last.pt`` (a ResumeError naming every setting — ``config`` or
-    ``extra_state`` — that differs from the checkpoint's).
+    ``extra_state`` — that differs from the checkpoint's), on any device: a checkpoint written on
+    a GPU resumes on the CPU and the other way round. ``workers``: DataLoader worker processes
+    (default: 0 on the CPU, up to 4 with pinned memory on CUDA).
 
     Returns the history: per-epoch ``train_loss``, ``val_<metric>`` and ``seconds``.
     """
     rank, world = rank_and_world()
+    device = torch.device(device)
     path = os.path.join(out, "last.pt")
     torch.manual_seed(config.seed)
-    model = build_model()
+    model = build_model().to(device)  # initialised on the CPU: the same weights on any device
     groups = param_groups(model, lr=config.lr, offset_lr_mult=config.offset_lr_mult,
                           roi_offset_lr_mult=config.roi_offset_lr_mult)  # fmt: skip
     optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+    scaler = grad_scaler(device, config.amp)
     steps_per_epoch = math.ceil(len(train_set) / world / config.batch_size)
     # one peak per group: a single max_lr would put the offset groups at the base rate
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in groups],
@@ -128,7 +158,7 @@ def train_loop(build_model: Callable[[], nn.Module], train_set: Dataset, val_set
     start_epoch = 0
     if resume and os.path.exists(path):
         state = load_checkpoint(path)
-        saved = {"config": state.get("config"), **{k: state.get(k) for k in extra_state or {}}}
+        saved = {"config": _saved_config(state), **{k: state.get(k) for k in extra_state or {}}}
         differences = _differences(saved, {"config": asdict(config), **(extra_state or {})})
         if differences:
             raise ResumeError(
@@ -138,13 +168,19 @@ def train_loop(build_model: Callable[[], nn.Module], train_set: Dataset, val_set
                 " (a run's schedule depends on all of them, so a changed run cannot continue it)"
             )
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        optimizer.load_state_dict(state["optimizer"])  # moves its state to the parameters' device
         scheduler.load_state_dict(state["scheduler"])
+        if "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"])
+        if device.type == "cuda" and "cuda_rng" in state:
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
         history = state["history"]
         start_epoch = state["epoch"] + 1
-    trained = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    ddp_devices = [device.index] if device.type == "cuda" else None
+    trained = nn.parallel.DistributedDataParallel(model, device_ids=ddp_devices) if world > 1 else model
     logger = MetricsLogger(out, start_epoch) if rank == 0 else None
+    options = loader_options(device, workers)
     try:
         for epoch in range(start_epoch, config.epochs):
             # the order of this epoch depends on (seed, epoch) only: resuming replays it
@@ -155,15 +191,17 @@ def train_loop(build_model: Callable[[], nn.Module], train_set: Dataset, val_set
                 sampler = RandomSampler(train_set, generator=torch.Generator().manual_seed(
                     config.seed * 100_003 + epoch))  # fmt: skip
             loader = DataLoader(train_set, batch_size=config.batch_size, sampler=sampler,
-                                collate_fn=collate_fn)  # fmt: skip
+                                collate_fn=collate_fn, **options)  # fmt: skip
             trained.train()
             start, total, seen = time.perf_counter(), 0.0, 0
             for batch in progress_bar(loader, len(loader), f"epoch {epoch + 1}/{config.epochs}",
                                    progress and rank == 0):  # fmt: skip
-                value, count = loss(trained, batch)
+                with autocast(device, config.amp):
+                    value, count = loss(trained, to_device(batch, device))
                 optimizer.zero_grad(set_to_none=True)
-                value.backward()
-                optimizer.step()
+                scaler.scale(value).backward()
+                scaler.step(optimizer)
+                scaler.update()
                 scheduler.step()
                 total += value.item() * count
                 seen += count
@@ -181,10 +219,13 @@ def train_loop(build_model: Callable[[], nn.Module], train_set: Dataset, val_set
                 headline, value = next(iter(metrics.items()))
                 print(f"epoch {epoch + 1}/{config.epochs}: train loss {history['train_loss'][-1]:.4f}, "
                       f"val {headline} {value:.4f}", file=sys.stderr)  # fmt: skip
-                save_checkpoint(path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                       "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
-                                       "epoch": epoch, "history": history, "config": asdict(config),
-                                       **(extra_state or {})})  # fmt: skip
+                state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                         "rng": torch.get_rng_state(), "epoch": epoch, "history": history,
+                         "config": asdict(config), **(extra_state or {})}  # fmt: skip
+                if device.type == "cuda":
+                    state["cuda_rng"] = torch.cuda.get_rng_state(device)
+                save_checkpoint(path, state)
     finally:
         if logger is not None:
             logger.close()

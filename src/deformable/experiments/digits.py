@@ -54,13 +54,14 @@ def model_spec(variant: str) -> dict:
 
 
 def train_variant(variant: str, seed: int, train_set, test_set, config: DigitsConfig, out: str, *,
-                  progress: bool = True, resume: bool = False) -> dict:  # fmt: skip
+                  progress: bool = True, resume: bool = False, device: torch.device | str = "cpu") -> dict:  # fmt: skip
     """Train one variant with one seed into ``out``; returns its history and parameter count."""
     train_config = TrainConfig(epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
                                weight_decay=config.weight_decay, seed=seed)  # fmt: skip
     history = fit(lambda: DigitNet(variant), train_set, test_set, train_config, out, resume=resume,
                   progress=progress, extra_state={"model_spec": model_spec(variant), "data": "digits",
-                                                  "data_options": {"copies": config.copies}})  # fmt: skip
+                                                  "data_options": {"copies": config.copies}},
+                  device=device)  # fmt: skip
     params = sum(p.numel() for p in DigitNet(variant).parameters())
     return {"history": history, "params": params}
 
@@ -207,9 +208,10 @@ def write_report(out: str, rows: list[dict], config: DigitsConfig, elapsed: floa
 
 
 def run(out: str, config: DigitsConfig, variants=VARIANTS, *, progress: bool = True,
-        resume: bool = False) -> list[dict]:  # fmt: skip
-    """Train every variant with every seed into ``out`` and write the report; returns the rows of
-    its table. With ``resume=True`` finished runs are kept and interrupted ones continued."""
+        resume: bool = False, device: torch.device | str = "cpu") -> list[dict]:  # fmt: skip
+    """Train every variant with every seed into ``out`` on ``device`` and write the report;
+    returns the rows of its table. With ``resume=True`` finished runs are kept and interrupted
+    ones continued."""
     if "regular" not in variants:
         raise ValueError(f"variants must include 'regular' (the baseline), got {tuple(variants)}")
     os.makedirs(out, exist_ok=True)
@@ -224,7 +226,7 @@ def run(out: str, config: DigitsConfig, variants=VARIANTS, *, progress: bool = T
         for seed in range(config.seeds):
             folder = os.path.join(out, "runs", f"{variant}-seed{seed}")
             result = train_variant(variant, seed, train_set, test_set, config, folder,
-                                   progress=progress, resume=resume)  # fmt: skip
+                                   progress=progress, resume=resume, device=device)  # fmt: skip
             results.setdefault(variant, []).append(result)
             accuracy = result["history"]["val_accuracy"][-1]
             print(f"  {LABELS[variant]:28s} seed {seed}: test accuracy {100 * accuracy:.2f}%",

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from deformable.ops import _deform_conv_cpu, kernels, reference
-from deformable.ops._checks import check_same, pair, reference_grads, upcast
+from deformable.ops._checks import autocast_dtype, cast_floating, check_same, pair, reference_grads, upcast
 
 __all__ = ["deform_conv2d"]
 
@@ -71,7 +71,8 @@ def deform_conv2d(
     Returns:
         Tensor[batch_size, out_channels, out_height, out_width]: the result of the convolution.
 
-    Every input (input, offset, weight, bias, mask) gets a gradient (first order: the backward is
+    Under ``torch.autocast`` every tensor is cast to the autocast dtype first (as ``F.conv2d``
+    is). Every input (input, offset, weight, bias, mask) gets a gradient (first order: the backward is
     not itself differentiable, and asking for a second derivative raises). On the CPU a
     multithreaded kernel runs (deterministic, memory bounded per tile), float32 and float64
     natively, float16 and bfloat16 in float32 and returned in the input dtype. On CUDA Triton
@@ -95,6 +96,9 @@ def deform_conv2d(
     stride = pair(stride, "stride", minimum=1)
     padding = pair(padding, "padding", minimum=0)
     dilation = pair(dilation, "dilation", minimum=1)
+    dtype = autocast_dtype(input, offset, weight, bias, mask)
+    if dtype is not None:  # under autocast a convolution runs in the autocast dtype, as F.conv2d
+        input, offset, weight, bias, mask = cast_floating(dtype, input, offset, weight, bias, mask)
     _check_arguments(input, offset, weight, bias, stride, padding, dilation, mask)
     return torch.ops.deformable.deform_conv2d(
         input, offset, weight, bias, list(stride), list(padding), list(dilation), mask

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from deformable.ops import _deform_roi_pool_cpu, kernels, reference_roi
-from deformable.ops._checks import check_same, pair, reference_grads, upcast
+from deformable.ops._checks import autocast_dtype, cast_floating, check_same, pair, reference_grads, upcast
 
 __all__ = ["deform_roi_pool", "deform_ps_roi_pool"]
 
@@ -98,6 +98,9 @@ def deform_roi_pool(
         op, output_size, spatial_scale, sampling_ratio, gamma)  # fmt: skip
     if not isinstance(aligned, bool):
         raise TypeError(f"{op}: aligned must be a bool, got {aligned!r}")
+    dtype = autocast_dtype(input, offset, mask)
+    if dtype is not None:  # under autocast: float32, as torchvision's roi_align; back after
+        dtype, (input, offset, mask) = input.dtype, cast_floating(torch.float32, input, offset, mask)
     _check_tensors(op, input, offset=offset, mask=mask)
     rois = _as_rois(op, boxes, input)
     count = rois.shape[0]
@@ -108,8 +111,9 @@ def deform_roi_pool(
                 f"{op}: {name} must be [K, {channels}, oh, ow] = {[count, channels, oh, ow]} for "
                 f"{count} boxes and output_size {tuple(output_size)}, got {list(t.shape)}"
             )
-    return torch.ops.deformable.deform_roi_pool(input, rois, list(output_size), spatial_scale,
-                                                sampling_ratio, aligned, offset, mask, gamma)  # fmt: skip
+    out = torch.ops.deformable.deform_roi_pool(input, rois, list(output_size), spatial_scale,
+                                               sampling_ratio, aligned, offset, mask, gamma)  # fmt: skip
+    return out if dtype is None else out.to(dtype)
 
 
 def deform_ps_roi_pool(
@@ -168,6 +172,9 @@ def deform_ps_roi_pool(
     op = "deform_ps_roi_pool"
     output_size, spatial_scale, sampling_ratio, gamma = _check_scalars(
         op, output_size, spatial_scale, sampling_ratio, gamma)  # fmt: skip
+    dtype = autocast_dtype(input, offset)
+    if dtype is not None:  # under autocast: float32, as torchvision's ps_roi_align; back after
+        dtype, (input, offset) = input.dtype, cast_floating(torch.float32, input, offset)
     _check_tensors(op, input, offset=offset)
     oh, ow = output_size
     channels = input.shape[1]
@@ -189,8 +196,9 @@ def deform_ps_roi_pool(
                 f"({out_channels}), e.g. {[count, 2, oh, ow]} or {[count, 2 * out_channels, oh, ow]}"
                 f"; got {list(shape)}"
             )
-    return torch.ops.deformable.deform_ps_roi_pool(input, rois, list(output_size), spatial_scale,
-                                                   sampling_ratio, offset, gamma)  # fmt: skip
+    out = torch.ops.deformable.deform_ps_roi_pool(input, rois, list(output_size), spatial_scale,
+                                                  sampling_ratio, offset, gamma)  # fmt: skip
+    return out if dtype is None else out.to(dtype)
 
 
 # ---------------------------------------------------------------------------------------------
