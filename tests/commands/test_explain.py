@@ -132,32 +132,39 @@ DETECTOR_OUTPUTS = ("explain.png", "backbone_sampling_locations.png", "backbone_
 
 @pytest.fixture(scope="module")
 def detectors(tmp_path_factory):
-    """A DCNv2 detector trained by `deformable train detect` (64-px scenes, one step), and two of
-    the same format built with build_detector: a regular one whose classifier favours class 1
-    (so it detects), and one that finds nothing (its classifier always says background)."""
-    from deformable.commands import train
-    from deformable.data.scenes import generate_scenes
-    from deformable.engine import load_checkpoint, save_checkpoint
+    """Checkpoints as `deformable train detect --image-size 64` writes them (the training loop's
+    keys, the run's model_spec and data folder), built with build_detector: a DCNv2 detector with
+    modulated deformable RoI pooling and small offsets (as after some training), a regular one
+    whose classifier favours class 1 (so it detects), and one that finds nothing (its classifier
+    always says background). 64-px generated scenes are their data."""
+    from deformable.data.scenes import CATEGORIES, generate_scenes
+    from deformable.engine import save_checkpoint
     from deformable.models.build import build_detector
+    from deformable.nn import DeformConv2d
 
     root = tmp_path_factory.mktemp("detect")
     scenes = root / "scenes"
     generate_scenes(str(scenes), "train", 2, size=64, max_objects=2)
     generate_scenes(str(scenes), "val", 2, size=64, max_objects=2)
-    assert train.main(["detect", "--data", str(scenes), "--image-size", "64", "--epochs", "1",
-                       "--batch-size", "2", "--out", str(root / "dcnv2"), "--no-progress"]) == 0  # fmt: skip
-    state = load_checkpoint(root / "dcnv2" / "last.pt")
-    paths = {"dcnv2": str(root / "dcnv2" / "last.pt")}
-    for name, favoured in (("regular", 1), ("blind", 0)):
-        spec = dict(state["model_spec"], deform_stages=[], modulated=False, roi_pool="align")
+    dcnv2 = {"task": "detect", "model": "fasterrcnn_resnet18_fpn", "deform_stages": [3, 4, 5],
+             "modulated": True, "roi_pool": "mdeform", "mimic": False, "mimic_crop_size": 64,
+             "mimic_rois_per_image": 8, "image_size": 64, "num_classes": len(CATEGORIES) + 1,
+             "classes": CATEGORIES}  # fmt: skip
+    regular = dict(dcnv2, deform_stages=[], modulated=False, roi_pool="align")
+    paths = {}
+    for name, spec in (("dcnv2", dcnv2), ("regular", regular), ("blind", regular)):
         torch.manual_seed(0)
         model = build_detector(spec)
         with torch.no_grad():
-            model.roi_heads.box_predictor.cls_score.bias[favoured] = 50.0
+            for layer in model.modules():
+                if isinstance(layer, DeformConv2d):
+                    layer.conv_offset.weight.normal_(0, 0.002)
+            if name != "dcnv2":
+                model.roi_heads.box_predictor.cls_score.bias[1 if name == "regular" else 0] = 50.0
         paths[name] = str(root / name / "last.pt")
-        # the run's checkpoint with this model (its optimiser state left out: explain never reads it)
-        save_checkpoint(paths[name], dict(state, model=model.state_dict(), model_spec=spec,
-                                          optimizer={}))  # fmt: skip
+        save_checkpoint(paths[name], {"model": model.state_dict(), "optimizer": {}, "scheduler": {},
+                                      "rng": torch.get_rng_state(), "epoch": 0, "history": {},
+                                      "config": {}, "model_spec": spec, "data": str(scenes)})  # fmt: skip
     paths["scenes"] = str(scenes)
     return paths
 

@@ -246,7 +246,9 @@ def run_to_layer(model: nn.Module, images: Tensor, layer_module: nn.Module,
     try:
         with _EvalMode(model):
             try:
-                model(images)
+                # on the model's device (a detector moved to a GPU, say); gradients reach `images`
+                first = next(model.parameters(), None)
+                model(images if first is None else images.to(first.device))
             except _Stop:
                 pass
     finally:
