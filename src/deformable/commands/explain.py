@@ -50,10 +50,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--invert", action="store_true",
                         help="invert --image (for dark ink on a light background)")  # fmt: skip
     parser.add_argument("--layer", metavar="NAME",
-                        help="the node's layer (default: the last convolution)")  # fmt: skip
+                        help="the node's layer (default: the last convolution; of conv5 for "
+                             "detectors)")  # fmt: skip
     parser.add_argument("--node", nargs=2, type=int, metavar=("Y", "X"),
                         help="node position in the layer's output map (default: the most active "
-                             "position of the first model)")  # fmt: skip
+                             "position of the first model; for detectors the node nearest the "
+                             "box's centre)")  # fmt: skip
     parser.add_argument("--depth", type=int, default=3, metavar="D",
                         help="sampling locations: follow the taps of the last D convolutions, "
                              "as DCNv1's figures (3: 9^3 = 729 points); 0 for every layer "
