@@ -77,9 +77,13 @@ def deform_roi_pool(
     Returns:
         Tensor[K, channels, oh, ow]: the pooled features.
 
-    ``input``, ``offset`` and ``mask`` get gradients; ``boxes`` do not. float32 and float64 are
-    computed natively, float16 / bfloat16 in float32. On the CPU a multithreaded deterministic
-    kernel runs; on any other device the reference (:mod:`deformable.ops.reference_roi`).
+    ``input``, ``offset`` and ``mask`` get gradients; ``boxes`` do not. On the CPU a
+    multithreaded deterministic kernel runs (float32 and float64 natively, float16 / bfloat16 in
+    float32). On CUDA Triton kernels run: float32, float16 and bfloat16 natively with float32
+    sums, float64 through the reference; the input gradient adds with float atomics unless
+    :func:`torch.use_deterministic_algorithms` is on. On any other device the reference
+    (:mod:`deformable.ops.reference_roi`). Kernel selection: :mod:`deformable.ops.kernels`.
+    Under ``torch.autocast`` it computes in float32 and returns the input's dtype.
 
     Example:
         >>> import torch, torchvision
@@ -158,6 +162,9 @@ def deform_ps_roi_pool(
 
     Returns:
         Tensor[K, out_channels, oh, ow]
+
+    ``input`` and ``offset`` get gradients. Devices, dtypes and determinism as
+    :func:`deform_roi_pool`.
 
     Example:
         >>> import torch, torchvision
