@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from deformable.engine.devices import model_device
 from deformable.engine.distributed import all_reduce_sum, shard
 from deformable.engine.loop import TrainConfig, train_loop
 
@@ -20,7 +21,7 @@ def evaluate(model: nn.Module, data: Dataset, batch_size: int = 256) -> dict[str
     """Accuracy and mean cross-entropy of ``model`` on ``data``, on the model's device (sharded
     under torchrun)."""
     model.eval()
-    device = next(model.parameters()).device
+    device = model_device(model)
     correct = loss = count = 0.0
     for images, labels in DataLoader(shard(data), batch_size=batch_size):
         images, labels = images.to(device), labels.to(device)

@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from deformable.data.coco import CocoDetection, collate
+from deformable.engine.devices import model_device
 from deformable.engine.distributed import all_gather_list, shard
 from deformable.engine.loop import TrainConfig, train_loop
 
@@ -31,11 +32,12 @@ def evaluate_coco(model: nn.Module, data: CocoDetection, batch_size: int = 4) ->
     from pycocotools.cocoeval import COCOeval
 
     model.eval()
-    device = next(model.parameters()).device
+    device = model_device(model)
     results = []
     for images, targets in DataLoader(shard(data), batch_size=batch_size, collate_fn=collate):
         for output, target in zip(model([image.to(device) for image in images]), targets):
-            output = {k: v.float().cpu() for k, v in output.items()}
+            # on the CPU, boxes and scores in float32 (whatever autocast or the device made them)
+            output = {k: (v.float() if v.is_floating_point() else v).cpu() for k, v in output.items()}
             boxes = output["boxes"].clone()
             boxes[:, 2:] -= boxes[:, :2]  # COCO's [x, y, width, height]
             for box, label, score in zip(boxes.tolist(), output["labels"].tolist(),

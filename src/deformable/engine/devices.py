@@ -15,7 +15,8 @@ import os
 
 import torch
 
-__all__ = ["AMP_DTYPES", "DeviceError", "autocast", "grad_scaler", "resolve_device", "to_device"]
+__all__ = ["AMP_DTYPES", "DeviceError", "autocast", "grad_scaler", "model_device", "resolve_device",
+           "to_device"]
 
 #: ``--amp`` values and their autocast dtypes
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -65,6 +66,13 @@ def grad_scaler(device: torch.device, amp: str) -> torch.amp.GradScaler:
     """The gradient scaler of ``amp`` on ``device``: enabled for fp16 only (bf16 has float32's
     range, so its gradients do not underflow)."""
     return torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of a model's first parameter or buffer (the CPU for one that has none)."""
+    for tensor in [*model.parameters(), *model.buffers()][:1]:
+        return tensor.device
+    return torch.device("cpu")
 
 
 def to_device(batch, device: torch.device):

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import statistics
 import sys
 import time
@@ -29,7 +28,7 @@ import torch
 from torch import Tensor
 
 from deformable.data import TransformedDigits
-from deformable.engine import TrainConfig, fit, load_checkpoint
+from deformable.engine import TrainConfig, fit, load_checkpoint, save_checkpoint
 from deformable.models.digitnet import FEATURE_ORIGIN, FEATURE_STRIDE, LABELS, VARIANTS, DigitNet
 
 __all__ = ["DigitsConfig", "run", "sampling_locations", "summarise", "table"]
@@ -231,10 +230,10 @@ def run(out: str, config: DigitsConfig, variants=VARIANTS, *, progress: bool = T
             accuracy = result["history"]["val_accuracy"][-1]
             print(f"  {LABELS[variant]:28s} seed {seed}: test accuracy {100 * accuracy:.2f}%",
                   file=sys.stderr)  # fmt: skip
-        first = os.path.join(out, "runs", f"{variant}-seed0", "last.pt")
-        shutil.copyfile(first, os.path.join(out, f"{variant}.pt"))
+        first = load_checkpoint(os.path.join(out, "runs", f"{variant}-seed0", "last.pt"))
+        save_checkpoint(os.path.join(out, f"{variant}.pt"), first)  # durably, as the run's own
         models[variant] = DigitNet(variant)
-        models[variant].load_state_dict(load_checkpoint(first)["model"])
+        models[variant].load_state_dict(first["model"])
         models[variant].eval()
     rows = summarise(results)
     plot_learning_curves(results, os.path.join(out, "learning_curves.png"))

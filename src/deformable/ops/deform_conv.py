@@ -81,6 +81,7 @@ def deform_conv2d(
     accumulation, float64 through the reference; the input gradient adds with float atomics,
     unless :func:`torch.use_deterministic_algorithms` is on, then a deterministic path runs. On any
     other device the pure-PyTorch reference (:func:`deformable.ops.reference.deform_conv2d`).
+    Kernel selection (and forcing one set): :mod:`deformable.ops.kernels`.
 
     Example:
         >>> import torch
