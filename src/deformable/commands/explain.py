@@ -32,7 +32,8 @@ import os
 
 from deformable.analysis.loading import (CANVAS, ExplainError, load_explainable, load_image,
                                          load_rgb_image, validation_scene)  # fmt: skip
-from deformable.commands import run_command
+from deformable.commands import add_device_argument, run_command
+from deformable.engine.devices import resolve_device
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -71,6 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--grow", choices=("square", "gradient"), default="square",
                         help="how the saliency region grows (default: %(default)s)")
     parser.add_argument("--out", required=True, metavar="DIR", help="folder for the PNGs")
+    add_device_argument(parser)
     return parser
 
 
@@ -97,7 +99,10 @@ def run(args: argparse.Namespace) -> list[str]:
     from deformable.analysis.figures import VIEWS, node_views, plot_views
     from deformable.data import TransformedDigits
 
+    device = resolve_device(args.device)
     checkpoints = [load_explainable(p) for p in args.checkpoint]
+    for checkpoint in checkpoints:  # the analysis feeds each model on its own device
+        checkpoint.model.to(device)
     kinds = sorted({c.kind for c in checkpoints})
     if len(kinds) > 1:
         raise ExplainError(f"the checkpoints hold different kinds of network ({', '.join(kinds)}); "
