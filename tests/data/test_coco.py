@@ -14,7 +14,7 @@ import torch
 from deformable.data import DataError
 from deformable.data.coco import CocoDetection, collate
 from deformable.data.scenes import CATEGORIES, generate_scenes
-from deformable.engine.detection import evaluate_coco
+from deformable.engine.detection import COCO_METRICS, MASK_METRICS, evaluate_coco
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +64,39 @@ def test_evaluation_of_perfect_and_shifted_detections(scenes):
     nothing = [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long),
                 "scores": torch.zeros(0)} for _ in truth]  # fmt: skip
     assert evaluate_coco(_Replay(nothing), data)["AP"] == 0.0
+
+
+def test_mask_evaluation_of_perfect_empty_and_wrong_masks(scenes):
+    root, path = scenes
+    data = CocoDetection(str(root / "val"), path, masks=True)
+    truth = [data[i][1] for i in range(len(data))]
+    perfect = [{"boxes": t["boxes"], "labels": t["labels"], "scores": torch.ones(len(t["labels"])),
+                "masks": t["masks"][:, None].float()} for t in truth]  # fmt: skip
+    metrics = evaluate_coco(_Replay(perfect), data, masks=True)
+    assert set(metrics) == set(COCO_METRICS) | set(MASK_METRICS)
+    assert metrics["mask_AP"] == pytest.approx(1.0) and metrics["mask_AP50"] == pytest.approx(1.0)
+    assert metrics["AP"] == pytest.approx(1.0) and math.isnan(metrics["mask_APl"])
+    # right boxes, each mask its box's complement: the masks are scored apart from the boxes
+    inverted = [dict(p, masks=1 - p["masks"]) for p in perfect]
+    metrics = evaluate_coco(_Replay(inverted), data, masks=True)
+    assert metrics["AP"] == pytest.approx(1.0) and metrics["mask_AP"] == 0.0
+    nothing = [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long), "scores": torch.zeros(0),
+                "masks": torch.zeros(0, 1, 64, 64)} for _ in truth]  # fmt: skip
+    metrics = evaluate_coco(_Replay(nothing), data, masks=True)
+    assert metrics["mask_AP"] == 0.0 and metrics["AP"] == 0.0
+    # a box detector has no mask metrics (by default: the model has no mask head)
+    assert set(evaluate_coco(_Replay(perfect), data)) == set(COCO_METRICS)
+
+
+def test_masks_are_not_scored_on_box_only_data(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    data = CocoDetection(str(tmp_path), write(tmp_path, GOOD))
+    found = [{"boxes": torch.tensor([[1.0, 1, 5, 5]]), "labels": torch.tensor([1]), "scores": torch.ones(1),
+              "masks": torch.ones(1, 1, 8, 8)}]  # fmt: skip
+    with pytest.raises(DataError, match="without 'segmentation': there are no masks to score"):
+        evaluate_coco(_Replay(found), data, masks=True)
 
 
 _SHARDED_EVAL = """
