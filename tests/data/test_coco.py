@@ -14,7 +14,7 @@ import torch
 from deformable.data import DataError
 from deformable.data.coco import CocoDetection, collate
 from deformable.data.scenes import CATEGORIES, generate_scenes
-from deformable.engine.detection import evaluate_coco
+from deformable.engine.detection import COCO_METRICS, MASK_METRICS, evaluate_coco
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +71,39 @@ def test_evaluation_of_perfect_and_shifted_detections(scenes):
     assert evaluate_coco(_Replay(nothing), data)["AP"] == 0.0
 
 
+def test_mask_evaluation_of_perfect_empty_and_wrong_masks(scenes):
+    root, path = scenes
+    data = CocoDetection(str(root / "val"), path, masks=True)
+    truth = [data[i][1] for i in range(len(data))]
+    perfect = [{"boxes": t["boxes"], "labels": t["labels"], "scores": torch.ones(len(t["labels"])),
+                "masks": t["masks"][:, None].float()} for t in truth]  # fmt: skip
+    metrics = evaluate_coco(_Replay(perfect), data, masks=True)
+    assert set(metrics) == set(COCO_METRICS) | set(MASK_METRICS)
+    assert metrics["mask_AP"] == pytest.approx(1.0) and metrics["mask_AP50"] == pytest.approx(1.0)
+    assert metrics["AP"] == pytest.approx(1.0) and math.isnan(metrics["mask_APl"])
+    # right boxes, each mask its box's complement: the masks are scored apart from the boxes
+    inverted = [dict(p, masks=1 - p["masks"]) for p in perfect]
+    metrics = evaluate_coco(_Replay(inverted), data, masks=True)
+    assert metrics["AP"] == pytest.approx(1.0) and metrics["mask_AP"] == 0.0
+    nothing = [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long), "scores": torch.zeros(0),
+                "masks": torch.zeros(0, 1, 64, 64)} for _ in truth]  # fmt: skip
+    metrics = evaluate_coco(_Replay(nothing), data, masks=True)
+    assert metrics["mask_AP"] == 0.0 and metrics["AP"] == 0.0
+    # a box detector has no mask metrics (by default: the model has no mask head)
+    assert set(evaluate_coco(_Replay(perfect), data)) == set(COCO_METRICS)
+
+
+def test_masks_are_not_scored_on_box_only_data(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    data = CocoDetection(str(tmp_path), write(tmp_path, GOOD))
+    found = [{"boxes": torch.tensor([[1.0, 1, 5, 5]]), "labels": torch.tensor([1]), "scores": torch.ones(1),
+              "masks": torch.ones(1, 1, 8, 8)}]  # fmt: skip
+    with pytest.raises(DataError, match="without 'segmentation': there are no masks to score"):
+        evaluate_coco(_Replay(found), data, masks=True)
+
+
 _SHARDED_EVAL = """
 import json, sys
 import torch, torch.distributed as dist
@@ -85,14 +118,15 @@ class Keyed(torch.nn.Module):  # right labels on even images, wrong on odd ones,
             image, t = data[i]
             labels = t["labels"] if i % 2 == 0 else t["labels"] % 13 + 1
             self.table[round(image.sum().item(), 3)] = {
-                "boxes": t["boxes"], "labels": labels, "scores": torch.linspace(1, 0.5, len(labels))}
+                "boxes": t["boxes"], "labels": labels, "scores": torch.linspace(1, 0.5, len(labels)),
+                "masks": t["masks"][:, None].float()}
     def forward(self, images):
         return [self.table[round(image.sum().item(), 3)] for image in images]
 
-data = CocoDetection(sys.argv[1], sys.argv[2])
+data = CocoDetection(sys.argv[1], sys.argv[2], masks=True)
 if len(sys.argv) > 4:
     dist.init_process_group("gloo")
-metrics = evaluate_coco(Keyed(data), data, batch_size=2)
+metrics = evaluate_coco(Keyed(data), data, batch_size=2, masks=True)
 if not dist.is_initialized() or dist.get_rank() == 0:
     json.dump(metrics, open(sys.argv[3], "w"))
 """
@@ -112,7 +146,7 @@ def test_evaluation_sharded_over_two_processes_scores_every_image(scenes, tmp_pa
         capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     one, two = (json.load(open(tmp_path / f"{n}.json")) for n in ("one", "two"))
-    assert 0.2 < one["AP"] < 0.8  # half the images right: neither perfect nor nothing
+    assert 0.2 < one["AP"] < 0.8 and 0.2 < one["mask_AP"] < 0.8  # half the images right
     assert one == pytest.approx(two, nan_ok=True)
 
 

@@ -1,6 +1,6 @@
 """``deformable eval``: evaluate a checkpoint of ``deformable train`` (or of ``deformable demo``)
 on its validation data or on ``--data``: accuracy and loss of a classifier, COCO box metrics of
-a detector."""
+a detector (and mask metrics, ``mask_AP`` ..., of a Mask R-CNN)."""
 
 from __future__ import annotations
 

@@ -2,12 +2,15 @@
 
     deformable train detect [--data scenes|PATH] [--model NAME] [--roi-pool mdeform] [--mimic] ...
     deformable train detect --ablation --out DIR      # DCNv2's ablation at CPU scale
+    deformable train detect --ablation --model maskrcnn_resnet18_fpn --out DIR   # ... of Mask R-CNN
 
 ``--data scenes`` (the default) generates the COCO-format scene set (digits and shapes of widely
 varying scale and aspect, :mod:`deformable.data.scenes`) into ``OUT/data`` once. ``--data PATH``
 reads ``PATH/annotations_train.json`` with images in ``PATH/train/`` and
-``PATH/annotations_val.json`` with ``PATH/val/`` (the layout the generator writes). Evaluation
-is pycocotools' COCOeval (AP, AP50, AP75, APs, APm, APl) after every epoch.
+``PATH/annotations_val.json`` with ``PATH/val/`` (the layout the generator writes); a Mask R-CNN
+needs every annotation's ``segmentation`` (polygons or RLE; the scenes have them). Evaluation
+is pycocotools' COCOeval (AP, AP50, AP75, APs, APm, APl) after every epoch, of the boxes and, for
+a Mask R-CNN, of the masks (``mask_AP``, ...).
 """
 
 from __future__ import annotations
@@ -53,7 +56,8 @@ def _train(argv: list[str]) -> int:
     positive(parser, args, "workers", minimum=0)
     device = resolve_device(args.device)
     if args.ablation and args.model.startswith("rfcn"):
-        parser.error("--ablation trains the Faster R-CNN settings; choose a fasterrcnn --model")
+        parser.error("--ablation trains the Faster / Mask R-CNN settings; choose a fasterrcnn or "
+                     "maskrcnn --model")
     spec = {"task": "detect", "model": args.model, "deform_stages": stage_list(parser, args.deform_stages),
             "modulated": not args.v1, "roi_pool": args.roi_pool, "mimic": args.mimic,
             "mimic_crop_size": args.mimic_crop_size, "mimic_rois_per_image": args.mimic_rois_per_image,

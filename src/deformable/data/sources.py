@@ -72,13 +72,16 @@ def generated_scenes(folder: str, *, counts: tuple[int, int] = (600, 150), size:
     return folder
 
 
-def detection_data(folder: str, *, limit: int | None = None):
-    """``(train, val)`` of a COCO-format folder (the layout :func:`generated_scenes` writes).
-    Raises DataError naming what is wrong."""
+def detection_data(folder: str, *, limit: int | None = None, masks: bool = False):
+    """``(train, val)`` of a COCO-format folder (the layout :func:`generated_scenes` writes), with
+    instance masks in the targets when ``masks`` (Mask R-CNN). Raises DataError naming what is
+    wrong."""
     if not os.path.isdir(folder):
         raise DataError(f"--data {folder!r}: no such folder (or use --data scenes)")
-    train = CocoDetection(os.path.join(folder, "train"), os.path.join(folder, "annotations_train.json"))
-    val = CocoDetection(os.path.join(folder, "val"), os.path.join(folder, "annotations_val.json"))
+    train = CocoDetection(os.path.join(folder, "train"), os.path.join(folder, "annotations_train.json"),
+                          masks=masks)  # fmt: skip
+    val = CocoDetection(os.path.join(folder, "val"), os.path.join(folder, "annotations_val.json"),
+                        masks=masks)  # fmt: skip
     if train.categories != val.categories:
         raise DataError(f"{folder!r}: the train and val annotation files list different categories")
     return _limited(train, limit), val

@@ -13,7 +13,7 @@ import torch
 
 from deformable.data.sources import classification_data, detection_data, generated_scenes
 from deformable.engine import TrainConfig, classification, detection, distributed
-from deformable.models.build import DIGITNETS, build_classifier, build_detector
+from deformable.models.build import DIGITNETS, MASK_DETECTORS, build_classifier, build_detector
 
 __all__ = ["evaluate_checkpoint", "train_classifier", "train_detector"]
 
@@ -52,7 +52,7 @@ def train_detector(spec: dict, data: str, config: TrainConfig, out: str, *, data
     (``scenes``, generated into ``data_root`` — default ``out`` — or a COCO folder) into
     ``out`` on ``device``; returns the history."""
     folder = detection_folder(data, out if data_root is None else data_root, spec["image_size"])
-    train, val = detection_data(folder, limit=limit)
+    train, val = detection_data(folder, limit=limit, masks=spec["model"] in MASK_DETECTORS)
     spec = dict(spec, num_classes=val.num_classes, classes=val.categories)  # limit cuts train only
     return detection.fit(lambda: build_detector(spec), train, val, config, out, resume=resume,
                          progress=progress, extra_state={"model_spec": spec, "data": folder},
@@ -63,14 +63,14 @@ def evaluate_checkpoint(state: dict, data: str | None = None,
                         device: torch.device | str = "cpu") -> tuple[dict[str, float], int]:  # fmt: skip
     """``(metrics, number of validation images)`` of a run's checkpoint on its validation data
     (or on ``data``), on ``device`` (whatever device it was trained on): accuracy and loss of a
-    classifier, COCO box metrics of a detector."""
+    classifier, COCO box metrics of a detector (and mask metrics of a Mask R-CNN)."""
     spec = state["model_spec"]
     source = data or state["data"]
     if spec.get("task") == "detect":
         model = build_detector(spec)
         model.load_state_dict(state["model"])
         model.to(device)
-        _, val = detection_data(source)
+        _, val = detection_data(source, masks=spec["model"] in MASK_DETECTORS)
         return detection.evaluate_coco(model, val), len(val)
     model = build_classifier(spec)
     model.load_state_dict(state["model"])

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 from torch import nn
 
-__all__ = ["CLASSIFIERS", "DETECTORS", "DIGITNETS", "RESNETS", "ROI_POOLS", "build_classifier",
-           "build_detector", "build_model"]
+__all__ = ["CLASSIFIERS", "DETECTORS", "DIGITNETS", "MASK_DETECTORS", "RESNETS", "ROI_POOLS",
+           "build_classifier", "build_detector", "build_model"]
 
 DIGITNETS = ("digitnet-regular", "digitnet-dcnv1", "digitnet-dcnv2", "digitnet-stn")
 RESNETS = ("resnet18", "resnet34", "resnet50")
 CLASSIFIERS = DIGITNETS + RESNETS
-DETECTORS = ("fasterrcnn_resnet18_fpn", "fasterrcnn_resnet50_fpn", "rfcn_resnet18", "rfcn_resnet50")
+#: detectors that also predict instance masks (their data need masks)
+MASK_DETECTORS = ("maskrcnn_resnet18_fpn", "maskrcnn_resnet50_fpn")
+DETECTORS = ("fasterrcnn_resnet18_fpn", "fasterrcnn_resnet50_fpn", *MASK_DETECTORS, "rfcn_resnet18",
+             "rfcn_resnet50")  # fmt: skip
 ROI_POOLS = ("align", "deform", "mdeform")
 
 
