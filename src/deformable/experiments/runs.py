@@ -55,9 +55,14 @@ def train_detector(spec: dict, data: str, config: TrainConfig, out: str, *, data
 
 def evaluate_checkpoint(state: dict, data: str | None = None) -> tuple[dict[str, float], int]:
     """``(metrics, number of validation images)`` of a run's checkpoint on its validation data
-    (or on ``data``): accuracy and loss of a classifier, COCO box metrics of a detector."""
+    (or on ``data``): accuracy and loss of a classifier, COCO box metrics of a detector, mIoU,
+    pixel accuracy and per-class IoU of a segmenter."""
     spec = state["model_spec"]
     source = data or state["data"]
+    if spec.get("task") == "segment":
+        from deformable.experiments.segmentation import evaluate_segmenter
+
+        return evaluate_segmenter(state, data)
     if spec.get("task") == "detect":
         model = build_detector(spec)
         model.load_state_dict(state["model"])
