@@ -41,7 +41,7 @@ def segmentation_folder(data: str, data_root: str, image_size: int | None,
     waiting), anything else is a folder of the user's."""
     if data != "scenes":
         return data
-    size = 128 if image_size is None else image_size
+    size = 96 if image_size is None else image_size
     folder = os.path.join(data_root, f"scenes-{size}px-{scenes[0]}-{scenes[1]}")
     if distributed.rank_and_world()[0] == 0:
         segmentation_scenes(folder, counts=scenes, size=size)
