@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from deformable.data.segmentation import IGNORE_INDEX, collate_segmentation
+from deformable.engine.devices import model_device
 from deformable.engine.distributed import all_reduce_sum, broadcast_buffers, shard
 from deformable.engine.loop import TrainConfig, train_loop
 
@@ -82,14 +83,16 @@ def segmentation_scores(confusion: torch.Tensor, classes: Sequence[str]) -> dict
 def evaluate_segmentation(model: nn.Module, data: Dataset, classes: Sequence[str],
                           batch_size: int = 8) -> dict[str, float]:  # fmt: skip
     """:func:`segmentation_scores` of ``model`` (``model(images)["out"]``: logits ``[N, C, H, W]``)
-    on ``data`` (items ``(image, mask)``), from one confusion matrix over the whole set. Under
+    on ``data`` (items ``(image, mask)``), on the model's device, from one confusion matrix over
+    the whole set. Under
     torchrun each process scores its share of the images with rank 0's model (its BatchNorm
     statistics broadcast first) and the matrices are summed."""
     broadcast_buffers(model)
     model.eval()
+    device = model_device(model)
     confusion = torch.zeros(len(classes), len(classes), dtype=torch.long)
     for images, masks in DataLoader(shard(data), batch_size=batch_size, collate_fn=collate_segmentation):
-        prediction = model(images)["out"].argmax(1)
+        prediction = model(images.to(device))["out"].argmax(1).cpu()
         confusion += confusion_matrix(prediction, masks, len(classes))
     confusion = torch.tensor(all_reduce_sum(confusion.flatten().double().tolist()), dtype=torch.float64)
     return segmentation_scores(confusion.round().long().view(len(classes), len(classes)), classes)
@@ -98,7 +101,7 @@ def evaluate_segmentation(model: nn.Module, data: Dataset, classes: Sequence[str
 def _cross_entropy(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     # mean over the scored pixels; a batch with none (all ignore) gives 0, not NaN
     scored = (masks != IGNORE_INDEX).sum().clamp_min(1)
-    return F.cross_entropy(logits, masks, ignore_index=IGNORE_INDEX, reduction="sum") / scored
+    return F.cross_entropy(logits.float(), masks, ignore_index=IGNORE_INDEX, reduction="sum") / scored
 
 
 def segmentation_loss(model: nn.Module, batch) -> tuple[torch.Tensor, int]:
@@ -114,11 +117,12 @@ def segmentation_loss(model: nn.Module, batch) -> tuple[torch.Tensor, int]:
 
 def fit(build_model: Callable[[], nn.Module], train_set: Dataset, val_set: Dataset,
         config: TrainConfig, out: str, *, classes: Sequence[str], resume: bool = False,
-        progress: bool = True, extra_state: dict | None = None) -> dict:  # fmt: skip
+        progress: bool = True, extra_state: dict | None = None, device: torch.device | str = "cpu",
+        workers: int | None = None) -> dict:  # fmt: skip
     """:func:`deformable.engine.loop.train_loop` for a segmentation model: pixel cross-entropy,
     mIoU, pixel accuracy and per-class IoU on ``val_set`` after every epoch."""
     classes = list(classes)
     return train_loop(build_model, train_set, val_set, config, out, loss=segmentation_loss,
                       evaluate=lambda model, data: evaluate_segmentation(model, data, classes),
                       collate_fn=collate_segmentation, resume=resume, progress=progress,
-                      extra_state=extra_state)  # fmt: skip
+                      extra_state=extra_state, device=device, workers=workers)  # fmt: skip

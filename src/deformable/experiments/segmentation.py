@@ -61,11 +61,12 @@ def _check_batches(count: int, batch_size: int) -> None:
 
 def train_segmenter(spec: dict, data: str, config: TrainConfig, out: str, *, data_root: str | None = None,
                     scenes: tuple[int, int] = (600, 150), num_classes: int | None = None,
-                    limit: int | None = None, resume: bool = False, progress: bool = True) -> dict:  # fmt: skip
+                    limit: int | None = None, resume: bool = False, progress: bool = True,
+                    device: torch.device | str = "cpu", workers: int | None = None) -> dict:  # fmt: skip
     """Train the DeepLabV3 of ``spec`` (without ``num_classes``: the data decide) on ``data``
     (``scenes``, generated into ``data_root`` — default ``out`` — or a VOC-style folder, images
-    resized to ``spec["image_size"]`` on their longer side when it is set) into ``out``; returns
-    the history. Resumes from ``out/last.pt`` with ``resume=True``."""
+    resized to ``spec["image_size"]`` on their longer side when it is set) into ``out`` on
+    ``device``; returns the history. Resumes from ``out/last.pt`` with ``resume=True``."""
     folder = segmentation_folder(data, out if data_root is None else data_root, spec["image_size"], scenes)
     train, val, classes = segmentation_data(folder, num_classes=num_classes, image_size=spec["image_size"])
     if limit is not None:
@@ -73,16 +74,18 @@ def train_segmenter(spec: dict, data: str, config: TrainConfig, out: str, *, dat
     _check_batches(len(train), config.batch_size)
     spec = dict(spec, num_classes=len(classes), classes=classes)
     return engine.fit(lambda: build_segmenter(spec), train, val, config, out, classes=classes,
-                      resume=resume, progress=progress,
-                      extra_state={"model_spec": spec, "data": folder})  # fmt: skip
+                      resume=resume, progress=progress, extra_state={"model_spec": spec, "data": folder},
+                      device=device, workers=workers)  # fmt: skip
 
 
-def evaluate_segmenter(state: dict, data: str | None = None) -> tuple[dict[str, float], int]:
+def evaluate_segmenter(state: dict, data: str | None = None,
+                       device: torch.device | str = "cpu") -> tuple[dict[str, float], int]:  # fmt: skip
     """``(scores, number of validation images)`` of a segmentation checkpoint on its validation
-    data (or on the ``val`` split of the VOC-style folder ``data``)."""
+    data (or on the ``val`` split of the VOC-style folder ``data``), on ``device``."""
     spec = state["model_spec"]
     model = build_segmenter(spec)
     model.load_state_dict(state["model"])
+    model.to(device)
     val = SegmentationFolder(data or state["data"], "val", num_classes=spec["num_classes"],
                              image_size=spec["image_size"])  # fmt: skip
     return engine.evaluate_segmentation(model, val, spec["classes"]), len(val)
@@ -90,7 +93,8 @@ def evaluate_segmenter(state: dict, data: str | None = None) -> tuple[dict[str, 
 
 def run_ablation(spec: dict, data: str, config: TrainConfig, out: str, *, seeds: int = 1,
                  scenes: tuple[int, int] = (600, 150), num_classes: int | None = None,
-                 limit: int | None = None, resume: bool = False, progress: bool = True) -> str:  # fmt: skip
+                 limit: int | None = None, resume: bool = False, progress: bool = True,
+                 device: torch.device | str = "cpu", workers: int | None = None) -> str:  # fmt: skip
     """Train every setting of :data:`ABLATION` (on top of ``spec``) ``seeds`` times, seeds
     ``config.seed``, ``config.seed + 1``, ..., every setting once before any is repeated; each
     run in ``out/run<i>`` (``out/run<i>-seed<s>`` for the repeats), generated scenes in ``out``.
@@ -106,7 +110,8 @@ def run_ablation(spec: dict, data: str, config: TrainConfig, out: str, *, seeds:
             folder = os.path.join(out, f"run{index}" if offset == 0 else f"run{index}-seed{seed}")
             results.setdefault(name, []).append(train_segmenter(
                 run_spec, data, replace(config, seed=seed), folder, data_root=out, scenes=scenes,
-                num_classes=num_classes, limit=limit, resume=resume, progress=progress))  # fmt: skip
+                num_classes=num_classes, limit=limit, resume=resume, progress=progress, device=device,
+                workers=workers))  # fmt: skip
             classes = [k[len("val_IoU/"):] for k in results[name][-1] if k.startswith("val_IoU/")]
     table = ablation_table(results)
     if distributed.rank_and_world()[0] == 0:
