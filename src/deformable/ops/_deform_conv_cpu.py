@@ -1,22 +1,33 @@
 """Fast CPU kernels of deform_conv2d: channels-last bilinear sampling (numba) + oneDNN / BLAS GEMMs.
 
-Forward: the deformed samples of a tile of output positions are written as an "expanded image"
-``E[n, ho * kh + i, wo * kw + j, c]`` (channels last), and ``F.conv2d(E, weight, stride=kernel)``
-is exactly the GEMM of the deformable convolution, at the speed of a regular convolution.
+The input is copied once, channels last, into a zero-bordered buffer (``_padded``): every
+bilinear corner of a sample inside the band ``(-1, H) x (-1, W)`` is a valid address there, and
+samples outside it point at a block of zeros, so the channel loops carry no bounds checks and no
+branches. Sampling coordinates and the four bilinear weights depend on (n, group, tap, position)
+only: they are computed once there, by loops across output positions (which vectorise whatever
+the number of channels), and reused for every channel of the group.
 
-Backward: per tile, the samples are written again as a column matrix ``cols[P, wg, kh*kw*cw]``
-(P output positions, wg weight groups of cw channels) and two GEMMs give ``dL/dcols`` and
-``dL/dW`` (oneDNN's backward of the expanded-image convolution is far slower than these on large
-maps). Two passes then turn ``dL/dcols`` into the gradients of offset / mask and of the input:
-the first splits output positions between threads (each writes the offset / mask gradients of
-its own positions, and records every tap's corner and bilinear weights); the second splits the
-input's rows between threads, each walking all taps in order and adding only into its own rows.
-No atomics, no races, no per-thread copies of the input gradient, and every element receives its
-contributions in one fixed order: bit-identical results whatever the number of threads.
+Forward, per tile of output positions, one of two GEMMs (``_forward_gemm``):
 
-Tiles are bounded in bytes (``TILE_BYTES``) whatever the image and batch size. Sampling
-coordinates and the four bilinear weights depend on (n, group, tap, position) only: they are
-computed once there and reused for every channel of the group.
+- the samples as an "expanded image" ``E[n, ho * kh + i, wo * kw + j, c]`` (channels last) and
+  ``F.conv2d(E, weight, stride=kernel)``, exactly the GEMM of the deformable convolution, run by
+  oneDNN's convolution;
+- the samples as a column matrix per weight group and oneDNN's matmul (``_matmul``), the better
+  choice on small maps. Its columns follow the weight's own (channel, tap) order when the weight
+  outweighs them (``_channel_major``: batch-1 inference of wide layers), so the weight is used as
+  it is rather than reordered on every call.
+
+Backward: per tile, one GEMM gives ``dL/dcols`` from the output gradient. Two passes turn it into
+the gradients of offset / mask and of the input: the first splits output positions between
+threads (each writes the offset / mask gradients of its own positions, the samples the weight
+gradient's GEMM needs, and every tap's corner and bilinear weights); the second splits the
+padded input's rows between threads, each walking all taps in order and adding only into its
+own rows. No atomics, no races, no per-thread copies of the input gradient, and every element
+receives its contributions in one fixed order: bit-identical results whatever the number of
+threads (the GEMMs are run where they are exact across thread counts, see ``_matmul``).
+
+Tiles are bounded in bytes (``TILE_BYTES``) whatever the image and batch size. A channels-last
+input gives a channels-last output and input gradient, as ``F.conv2d`` does.
 """
 
 from __future__ import annotations
@@ -82,13 +93,13 @@ def _channel_runs(channels: int, offset_groups: int, cw: int) -> np.ndarray:
 
 
 @njit(nogil=True, cache=True)
-def _run_destinations(runs, s_g, cw):
-    """Offset of each run in a tap's block of samples: gw * s_g + c - gw * cw."""
+def _run_destinations(runs, s_g, cw, s_c):
+    """Offset of each run in a tap's block of samples: gw * s_g + (c - gw * cw) * s_c."""
     count = (runs.size - _RUNS) // 3
     dest = np.empty(count, dtype=np.int64)
     for r in range(count):
         c, gw = runs[_RUNS + 3 * r], runs[_RUNS + 3 * r + 2]
-        dest[r] = gw * s_g + c - gw * cw
+        dest[r] = gw * s_g + (c - gw * cw) * s_c
     return dest
 
 
@@ -112,12 +123,29 @@ def _blend4(out, o, inp, a, row, col, w00, w01, w10, w11, count):
 
 
 @njit(nogil=True, cache=True, fastmath=_FASTMATH, inline="always")
-def _axpy(dst, d, w, src, s, count):
-    """dst[d:d+count] += w * src[s:s+count]."""
-    du = np.uint64(d)
+def _blend4_strided(out, o, step, inp, a, row, col, w00, w01, w10, w11, count):
+    """As ``_blend4``, writing out[o + c * step] (channel-major columns)."""
+    a00 = np.uint64(a)
+    a01 = np.uint64(a + col)
+    a10 = np.uint64(a + row)
+    a11 = np.uint64(a + row + col)
+    ou = np.uint64(o)
+    su = np.uint64(step)
+    for c in range(np.uint64(count)):
+        out[ou + c * su] = (w00 * inp[a00 + c] + w01 * inp[a01 + c]
+                            + w10 * inp[a10 + c] + w11 * inp[a11 + c])  # fmt: skip
+
+
+@njit(nogil=True, cache=True, fastmath=_FASTMATH, inline="always")
+def _axpy2(dst, d, step, w0, w1, src, s, count):
+    """dst[d:d+count] += w0 * src[s:s+count]; dst[d+step:d+step+count] += w1 * src[s:s+count]."""
+    d0 = np.uint64(d)
+    d1 = np.uint64(d + step)
     su = np.uint64(s)
     for c in range(np.uint64(count)):
-        dst[du + c] += w * src[su + c]
+        v = src[su + c]
+        dst[d0 + c] += w0 * v
+        dst[d1 + c] += w1 * v
 
 
 @njit(nogil=True, cache=True, fastmath=_FASTMATH, inline="always")
@@ -127,243 +155,429 @@ def _fill(dst, d, count):
         dst[du + c] = 0.0
 
 
+#: Output positions whose taps are located in one go (whole tile rows of one image, or one).
+_BLOCK = 256
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _block_bases(geo, tile, item, rows, base_y, base_x):
+    """Regular-grid coordinates (before the kernel offset) of ``rows`` tile rows from ``item``."""
+    sh, sw, ph, pw = geo[_SH], geo[_SW], geo[_PH], geo[_PW]
+    r0, c0, rb, wb = tile[1], tile[2], tile[4], tile[5]
+    ho = r0 + item % rb
+    q = 0
+    for r in range(rows):
+        for wl in range(wb):
+            base_y[q] = np.float64((ho + r) * sh - ph)
+            base_x[q] = np.float64((c0 + wl) * sw - pw)
+            q += 1
+
+
+@njit(nogil=True, cache=True, fastmath=_FASTMATH, inline="always")
+def _taps(off, msk, has_mask, o_y, o_x, o_m, base_y, base_x, dy, dx, geo, count, index, weight,
+          s, stride):  # fmt: skip
+    """Corners and bilinear weights of one kernel tap at ``count`` consecutive output positions.
+
+    The loop runs across positions (offsets are contiguous there), so it vectorises whatever the
+    number of channels. Position q gets ``index[s + q]``, the flat offset in a padded image
+    (``_padded``) of its top-left corner, and ``weight[s + q + p * stride]`` (p = 0..3), its
+    bilinear weights times the mask. A sample outside ``(-1, H) x (-1, W)`` gets zero weights
+    and the corner of a block of padding, so it reads zeros without a branch. The index is
+    computed in float64 (exact) and converted once: integer multiplies do not vectorise well.
+    """
+    height, width, channels = geo[_H], geo[_W], geo[_C]
+    rowf = np.float64((width + 2) * channels)
+    colf = np.float64(channels)
+    outside = np.float64((height + 1) * (width + 2) * channels)
+    fh = np.float64(height)
+    fw = np.float64(width)
+    cast = weight.dtype.type
+    zero = cast(0.0)
+    o_y, o_x, o_m = np.uint64(o_y), np.uint64(o_x), np.uint64(o_m)
+    s, stride = np.uint64(s), np.uint64(stride)
+    for q in range(np.uint64(count)):
+        yy = base_y[q] + dy + off[o_y + q]
+        xx = base_x[q] + dx + off[o_x + q]
+        m = msk[o_m + q] if has_mask else 1.0
+        inside = (yy > -1.0) & (yy < fh) & (xx > -1.0) & (xx < fw)
+        yf = math.floor(yy)
+        xf = math.floor(xx)
+        ly = yy - yf
+        lx = xx - xf
+        corner = (yf + 1.0) * rowf + (xf + 1.0) * colf
+        index[s + q] = int(corner if inside else outside)
+        weight[s + q] = cast((1.0 - ly) * (1.0 - lx) * m) if inside else zero
+        weight[s + q + stride] = cast((1.0 - ly) * lx * m) if inside else zero
+        weight[s + q + 2 * stride] = cast(ly * (1.0 - lx) * m) if inside else zero
+        weight[s + q + 3 * stride] = cast(ly * lx * m) if inside else zero
+
+
+@njit(nogil=True, cache=True, fastmath=_FASTMATH, inline="always")
+def _taps_backward(off, msk, has_mask, o_y, o_x, o_m, base_y, base_x, dy, dx, geo, count, index,
+                   frac, s, stride):  # fmt: skip
+    """As ``_taps`` for the backward: the band includes -1 (the one-sided derivative there,
+    torchvision's convention); ``frac[s + q + p * stride]`` holds for p = 0..7 the fractions ly
+    and lx, the mask, the padded row of the top corners (-2 outside the band), and the four
+    bilinear weights times the mask. Outside the band every one of them but the row is zero."""
+    height, width, channels = geo[_H], geo[_W], geo[_C]
+    rowf = np.float64((width + 2) * channels)
+    colf = np.float64(channels)
+    outside = np.float64((height + 1) * (width + 2) * channels)
+    fh = np.float64(height)
+    fw = np.float64(width)
+    cast = frac.dtype.type
+    zero = cast(0.0)
+    o_y, o_x, o_m = np.uint64(o_y), np.uint64(o_x), np.uint64(o_m)
+    s, stride = np.uint64(s), np.uint64(stride)
+    for q in range(np.uint64(count)):
+        yy = base_y[q] + dy + off[o_y + q]
+        xx = base_x[q] + dx + off[o_x + q]
+        m = msk[o_m + q] if has_mask else 1.0
+        inside = (yy >= -1.0) & (yy < fh) & (xx >= -1.0) & (xx < fw)
+        yf = math.floor(yy)
+        xf = math.floor(xx)
+        ly = yy - yf
+        lx = xx - xf
+        corner = (yf + 1.0) * rowf + (xf + 1.0) * colf
+        index[s + q] = int(corner if inside else outside)
+        frac[s + q] = cast(ly) if inside else zero
+        frac[s + q + stride] = cast(lx) if inside else zero
+        frac[s + q + 2 * stride] = cast(m) if inside else zero
+        frac[s + q + 3 * stride] = cast(yf + 1.0) if inside else cast(-2.0)
+        frac[s + q + 4 * stride] = cast((1.0 - ly) * (1.0 - lx) * m) if inside else zero
+        frac[s + q + 5 * stride] = cast((1.0 - ly) * lx * m) if inside else zero
+        frac[s + q + 6 * stride] = cast(ly * (1.0 - lx) * m) if inside else zero
+        frac[s + q + 7 * stride] = cast(ly * lx * m) if inside else zero
+
+
 @njit(nogil=True, cache=True, fastmath=_FASTMATH)
-def _sample(inp, off, msk, has_mask, geo, runs, tile, lay, out, chunk, chunks):
+def _blend_block_simple(out, pad, image, index, weight, stride, geo, dest, lay, item, rows, wb):
+    """``_blend_block`` when every offset group is one run of channels, written contiguously."""
+    channels, groups, kw = geo[_C], geo[_G], geo[_KW]
+    cpg = channels // groups
+    taps = geo[_KH] * kw
+    s_row, s_wl, s_i, s_j = lay[0], lay[1], lay[2], lay[3]
+    col = np.uint64(channels)
+    row = np.uint64((geo[_W] + 2) * channels)
+    count = rows * wb
+    q = 0
+    for r in range(rows):
+        for wl in range(wb):
+            at = (item + r) * s_row + wl * s_wl
+            i = 0
+            j = 0
+            for k in range(taps):
+                t = k * count + q
+                for g in range(groups):
+                    a = np.uint64(image + index[t] + g * cpg)
+                    o = np.uint64(at + i * s_i + j * s_j + dest[g])
+                    w00, w01 = weight[t], weight[t + stride]
+                    w10, w11 = weight[t + 2 * stride], weight[t + 3 * stride]
+                    for c in range(np.uint64(cpg)):
+                        out[o + c] = (w00 * pad[a + c] + w01 * pad[a + col + c]
+                                      + w10 * pad[a + row + c] + w11 * pad[a + row + col + c])  # fmt: skip
+                    t += taps * count
+                j += 1
+                if j == kw:
+                    i += 1
+                    j = 0
+            q += 1
+
+
+@njit(nogil=True, cache=True, fastmath=_FASTMATH)
+def _blend_block(out, pad, image, index, weight, stride, geo, runs, dest, lay, item, rows, wb):
+    """The samples of a block of positions (``_sample``) from its taps' corners and weights.
+
+    A function of its own, not inlined: LLVM keeps this loop nest's registers to itself, which
+    made it about a fifth faster than inside ``_sample``.
+    """
+    channels, groups, kh, kw = geo[_C], geo[_G], geo[_KH], geo[_KW]
+    taps = kh * kw
+    s_row, s_wl, s_i, s_j, s_c = lay[0], lay[1], lay[2], lay[3], lay[5]
+    row = (geo[_W] + 2) * channels
+    count = rows * wb
+    q = 0
+    for r in range(rows):
+        for wl in range(wb):
+            at = (item + r) * s_row + wl * s_wl
+            k = 0
+            for i in range(kh):
+                for j in range(kw):
+                    base = at + i * s_i + j * s_j
+                    t = k * count + q
+                    for g in range(groups):
+                        corner = image + index[t]
+                        w00, w01 = weight[t], weight[t + stride]
+                        w10, w11 = weight[t + 2 * stride], weight[t + 3 * stride]
+                        for r_ in range(runs[g], runs[g + 1]):
+                            if s_c == 1:
+                                _blend4(out, base + dest[r_], pad, corner + runs[_RUNS + 3 * r_],
+                                        row, channels, w00, w01, w10, w11,
+                                        runs[_RUNS + 3 * r_ + 1])  # fmt: skip
+                            else:
+                                _blend4_strided(out, base + dest[r_], s_c, pad,
+                                                corner + runs[_RUNS + 3 * r_], row, channels, w00,
+                                                w01, w10, w11, runs[_RUNS + 3 * r_ + 1])  # fmt: skip
+                        t += taps * count
+                    k += 1
+            q += 1
+
+
+@njit(nogil=True, cache=True, fastmath=_FASTMATH)
+def _sample(pad, off, msk, has_mask, geo, runs, tile, lay, out, chunk, chunks):
     """Write mask * bilinear(input, p0 + p_k + offset) for one tile into ``out``.
 
-    Flat arrays: inp [N, H, W, C], off [N, 2*G*K, Ho, Wo], msk [N, G*K, Ho, Wo]. ``tile`` is
-    (n0, r0, c0, nb, rb, wb); the sample of channel c (weight group gw = c // cw) at tap (i, j) of
-    tile position (nl, rl, wl) goes to
-    ``out[(nl*rb + rl)*s_row + wl*s_wl + i*s_i + j*s_j + gw*s_g + c % cw]``, ``lay`` holding
-    (s_row, s_wl, s_i, s_j, s_g). ``runs`` lists the channel runs (see ``_channel_runs``).
+    Flat arrays: pad [N, H+3, W+2, C] (``_padded``), off [N, 2*G*K, Ho, Wo], msk [N, G*K, Ho, Wo].
+    ``tile`` is (n0, r0, c0, nb, rb, wb); the sample of channel c (weight group gw = c // cw) at
+    tap (i, j) of tile position (nl, rl, wl) goes to
+    ``out[(nl*rb + rl)*s_row + wl*s_wl + i*s_i + j*s_j + gw*s_g + (c % cw)*s_c]``, ``lay``
+    holding (s_row, s_wl, s_i, s_j, s_g, s_c). ``runs`` lists the channel runs (see
+    ``_channel_runs``).
+
+    By blocks of output positions: first the corners and weights of every tap (``_taps``,
+    vectorised across positions), then the samples, channels innermost (vectorised across
+    channels). The padding makes every corner readable, so the channel loop has no branch.
     """
-    height, width, channels = geo[_H], geo[_W], geo[_C]
+    channels = geo[_C]
     out_w, groups, kh, kw = geo[_OW], geo[_G], geo[_KH], geo[_KW]
-    sh, sw, ph, pw, dh, dw = geo[_SH], geo[_SW], geo[_PH], geo[_PW], geo[_DH], geo[_DW]
+    dh, dw = geo[_DH], geo[_DW]
     plane = geo[_OH] * out_w
     taps = kh * kw
     n0, r0, c0, nb, rb, wb = tile[0], tile[1], tile[2], tile[3], tile[4], tile[5]
-    s_row, s_wl, s_i, s_j = lay[0], lay[1], lay[2], lay[3]
-    dest = _run_destinations(runs, lay[4], geo[_CW])
-    row_stride = width * channels
-    cast = out.dtype.type
+    dest = _run_destinations(runs, lay[4], geo[_CW], lay[5])
+    # every offset group one run of channels, written contiguously: the common case
+    simple = lay[5] == 1 and runs.size - _RUNS == 3 * groups
+    image_size = (geo[_H] + 3) * (geo[_W] + 2) * channels
+    block_rows = max(1, _BLOCK // wb)
+    stride = groups * taps * block_rows * wb  # one plane of the weights below
+    index = np.empty(stride, dtype=np.int64)
+    weight = np.empty(4 * stride, dtype=out.dtype)
+    base_y = np.empty(block_rows * wb, dtype=np.float64)
+    base_x = np.empty(block_rows * wb, dtype=np.float64)
     items = nb * rb
-    for item in range(items * chunk // chunks, items * (chunk + 1) // chunks):
+    item = items * chunk // chunks
+    stop = items * (chunk + 1) // chunks
+    while item < stop:
         nl = item // rb
         n = n0 + nl
-        ho = r0 + item - nl * rb
-        image = n * height * row_stride
-        for wl in range(wb):
-            wo = c0 + wl
-            pos = ho * out_w + wo
-            for i in range(kh):
-                y_base = ho * sh - ph + i * dh
-                for j in range(kw):
-                    x_base = wo * sw - pw + j * dw
-                    k = i * kw + j
-                    base = item * s_row + wl * s_wl + i * s_i + j * s_j
-                    for g in range(groups):
-                        gk = (n * groups + g) * taps + k
-                        y = y_base + off[2 * gk * plane + pos]
-                        x = x_base + off[(2 * gk + 1) * plane + pos]
-                        m = msk[gk * plane + pos] if has_mask else 1.0
-                        if not (y > -1.0 and y < height and x > -1.0 and x < width):
-                            for r in range(runs[g], runs[g + 1]):
-                                _fill(out, base + dest[r], runs[_RUNS + 3 * r + 1])
-                            continue
-                        y0 = int(math.floor(y))
-                        x0 = int(math.floor(x))
-                        ly = y - y0
-                        lx = x - x0
-                        w00 = cast((1.0 - ly) * (1.0 - lx) * m)
-                        w01 = cast((1.0 - ly) * lx * m)
-                        w10 = cast(ly * (1.0 - lx) * m)
-                        w11 = cast(ly * lx * m)
-                        corner = image + (y0 * width + x0) * channels
-                        if y0 >= 0 and x0 >= 0 and y0 + 1 < height and x0 + 1 < width:
-                            for r in range(runs[g], runs[g + 1]):
-                                _blend4(out, base + dest[r], inp, corner + runs[_RUNS + 3 * r],
-                                        row_stride, channels, w00, w01, w10, w11,
-                                        runs[_RUNS + 3 * r + 1])  # fmt: skip
-                            continue
-                        # a corner outside the image counts as zero
-                        for r in range(runs[g], runs[g + 1]):
-                            o = base + dest[r]
-                            a = corner + runs[_RUNS + 3 * r]
-                            count = runs[_RUNS + 3 * r + 1]
-                            _fill(out, o, count)
-                            if y0 >= 0 and x0 >= 0:
-                                _axpy(out, o, w00, inp, a, count)
-                            if y0 >= 0 and x0 + 1 < width:
-                                _axpy(out, o, w01, inp, a + channels, count)
-                            if y0 + 1 < height and x0 >= 0:
-                                _axpy(out, o, w10, inp, a + row_stride, count)
-                            if y0 + 1 < height and x0 + 1 < width:
-                                _axpy(out, o, w11, inp, a + row_stride + channels, count)
+        rows = min(block_rows, stop - item, rb - (item - nl * rb))  # rows of one image
+        count = rows * wb
+        _block_bases(geo, tile, item, rows, base_y, base_x)
+        first = (r0 + item - nl * rb) * out_w + c0  # the block's positions are consecutive
+        for gk in range(groups * taps):
+            g = gk // taps
+            k = gk - g * taps
+            i = k // kw
+            at = (n * groups + g) * taps + k
+            _taps(off, msk, has_mask, 2 * at * plane + first, (2 * at + 1) * plane + first,
+                  at * plane + first, base_y, base_x, np.float64(i * dh),
+                  np.float64((k - i * kw) * dw), geo, count, index, weight, gk * count,
+                  stride)  # fmt: skip
+        if simple:
+            _blend_block_simple(out, pad, n * image_size, index, weight, stride, geo, dest, lay,
+                                item, rows, wb)  # fmt: skip
+        else:
+            _blend_block(out, pad, n * image_size, index, weight, stride, geo, runs, dest, lay, item,
+                         rows, wb)  # fmt: skip
+        item += rows
 
 
 @njit(nogil=True, cache=True, fastmath=_FASTMATH)
-def _backward_offset(inp, off, msk, has_mask, geo, runs, tile, lay, grad_cols, grad_off, grad_msk,
-                     tap_corner, tap_weight, item_rows, chunk, chunks):  # fmt: skip
-    """Phase 1 of the backward of ``_sample``, over this chunk's tile positions.
-
-    ``grad_cols`` is dL/d(out of ``_sample``), same layout. Writes dL/doffset and dL/dmask of the
-    chunk's positions into ``grad_off`` / ``grad_msk`` (flat, the layouts of off / msk), and for
-    every tap t = ((item * wb + wl) * K + k) * G + g records its top-left corner (y0, x0) in
-    ``tap_corner[2t:2t+2]`` (y0 = -2 when nothing is sampled) and its four bilinear weights times
-    the mask, zero for corners outside the image, in ``tap_weight[4t:4t+4]``; and the range of
-    y0 over the taps of each tile row ``item`` in ``item_rows[2 * item : 2 * item + 2]``.
-    """
-    height, width, channels = geo[_H], geo[_W], geo[_C]
-    out_w, groups, kh, kw = geo[_OW], geo[_G], geo[_KH], geo[_KW]
-    sh, sw, ph, pw, dh, dw = geo[_SH], geo[_SW], geo[_PH], geo[_PW], geo[_DH], geo[_DW]
-    plane = geo[_OH] * out_w
+def _backward_block(pad, grad_cols, write_cols, cols, grad_off, grad_msk, tap_index, tap_row,
+                    tap_weight, item_rows, index, frac, stride, geo, runs, dest, lay, item, rows, wb,
+                    n, nl, first):  # fmt: skip
+    """The per-tap work of ``_backward_taps`` for a block of positions (a function of its own,
+    as ``_blend_block``)."""
+    channels, groups, kh, kw = geo[_C], geo[_G], geo[_KH], geo[_KW]
     taps = kh * kw
-    n0, r0, c0, nb, rb, wb = tile[0], tile[1], tile[2], tile[3], tile[4], tile[5]
+    plane = geo[_OH] * geo[_OW]
     s_row, s_wl, s_i, s_j = lay[0], lay[1], lay[2], lay[3]
-    dest = _run_destinations(runs, lay[4], geo[_CW])
-    row_stride = width * channels
+    row = (geo[_W] + 2) * channels
+    image_rows = geo[_H] + 3
+    count = rows * wb
     cast = grad_cols.dtype.type
-    items = nb * rb
-    for item in range(items * chunk // chunks, items * (chunk + 1) // chunks):
-        nl = item // rb
-        n = n0 + nl
-        ho = r0 + item - nl * rb
-        image = n * height * row_stride
-        lowest = height
+    zero = cast(0.0)
+    one = cast(1.0)
+    image = n * image_rows * row
+    q = 0
+    for r in range(rows):
+        lowest = image_rows
         highest = -2
         for wl in range(wb):
-            wo = c0 + wl
-            pos = ho * out_w + wo
+            pos = first + q
+            at = (item + r) * s_row + wl * s_wl
+            k = 0
             for i in range(kh):
-                y_base = ho * sh - ph + i * dh
                 for j in range(kw):
-                    x_base = wo * sw - pw + j * dw
-                    k = i * kw + j
-                    base = item * s_row + wl * s_wl + i * s_i + j * s_j
+                    base = at + i * s_i + j * s_j
+                    s = k * count + q
                     for g in range(groups):
-                        t = ((item * wb + wl) * taps + k) * groups + g
+                        t = (((item + r) * wb + wl) * taps + k) * groups + g
                         gk = (n * groups + g) * taps + k
-                        y = y_base + off[2 * gk * plane + pos]
-                        x = x_base + off[(2 * gk + 1) * plane + pos]
-                        m = msk[gk * plane + pos] if has_mask else 1.0
-                        # y == -1 exactly samples zero, but its one-sided derivative is not
-                        # (torchvision's convention): keep it, as the reference does.
-                        if not (y >= -1.0 and y < height and x >= -1.0 and x < width):
-                            tap_corner[2 * t] = -2
-                            grad_off[2 * gk * plane + pos] = 0.0
-                            grad_off[(2 * gk + 1) * plane + pos] = 0.0
-                            grad_msk[gk * plane + pos] = 0.0
-                            continue
-                        y0 = int(math.floor(y))
-                        x0 = int(math.floor(x))
-                        ly = cast(y - y0)
-                        lx = cast(x - x0)
-                        hy = cast(1.0 - (y - y0))
-                        ok00 = y0 >= 0 and x0 >= 0
-                        ok01 = y0 >= 0 and x0 + 1 < width
-                        ok10 = y0 + 1 < height and x0 >= 0
-                        ok11 = y0 + 1 < height and x0 + 1 < width
-                        tap_corner[2 * t] = y0
-                        tap_corner[2 * t + 1] = x0
-                        lowest = min(lowest, y0)
-                        highest = max(highest, y0)
-                        tap_weight[4 * t] = (1.0 - (y - y0)) * (1.0 - (x - x0)) * m if ok00 else 0.0
-                        tap_weight[4 * t + 1] = (1.0 - (y - y0)) * (x - x0) * m if ok01 else 0.0
-                        tap_weight[4 * t + 2] = (y - y0) * (1.0 - (x - x0)) * m if ok10 else 0.0
-                        tap_weight[4 * t + 3] = (y - y0) * (x - x0) * m if ok11 else 0.0
-                        zero = cast(0.0)
+                        # a tap outside the band reads a block of padding with weights 0: its
+                        # gradients and samples come out 0 without a branch
+                        corner = image + index[s]
+                        top = int(frac[s + 3 * stride])
+                        tap_index[t] = corner
+                        tap_row[t] = nl * image_rows + top if top >= 0 else -2
+                        lowest = min(lowest, top) if top >= 0 else lowest
+                        highest = max(highest, top)
+                        for p in range(4):
+                            tap_weight[4 * t + p] = frac[s + (4 + p) * stride]
+                        ly, lx, m = frac[s], frac[s + stride], frac[s + 2 * stride]
+                        hy = one - ly
                         acc_y = zero
                         acc_x = zero
                         acc_m = zero
-                        corner = image + (y0 * width + x0) * channels
-                        for r in range(runs[g], runs[g + 1]):
-                            src = np.uint64(base + dest[r])
-                            a = corner + runs[_RUNS + 3 * r]
-                            count = runs[_RUNS + 3 * r + 1]
-                            if ok00 and ok11:  # interior: all four corners inside
-                                a00 = np.uint64(a)
-                                a01 = np.uint64(a + channels)
-                                a10 = np.uint64(a + row_stride)
-                                a11 = np.uint64(a + row_stride + channels)
-                                for cc in range(np.uint64(count)):
-                                    ge = grad_cols[src + cc]
-                                    va = inp[a00 + cc]
-                                    vb = inp[a01 + cc]
-                                    vc = inp[a10 + cc]
-                                    vd = inp[a11 + cc]
-                                    top = va + lx * (vb - va)
-                                    bottom = vc + lx * (vd - vc)
-                                    acc_m += ge * (top + ly * (bottom - top))
-                                    acc_y += ge * (bottom - top)
+                        for r_ in range(runs[g], runs[g + 1]):
+                            src = np.uint64(base + dest[r_])
+                            a00 = np.uint64(corner + runs[_RUNS + 3 * r_])
+                            a01 = a00 + np.uint64(channels)
+                            a10 = a00 + np.uint64(row)
+                            a11 = a10 + np.uint64(channels)
+                            n_c = np.uint64(runs[_RUNS + 3 * r_ + 1])
+                            if write_cols:
+                                for c in range(n_c):
+                                    ge = grad_cols[src + c]
+                                    va = pad[a00 + c]
+                                    vb = pad[a01 + c]
+                                    vc = pad[a10 + c]
+                                    vd = pad[a11 + c]
+                                    top_v = va + lx * (vb - va)
+                                    bottom_v = vc + lx * (vd - vc)
+                                    value = top_v + ly * (bottom_v - top_v)
+                                    cols[src + c] = m * value
+                                    acc_m += ge * value
+                                    acc_y += ge * (bottom_v - top_v)
                                     acc_x += ge * (hy * (vb - va) + ly * (vd - vc))
-                                continue
-                            for cc in range(count):
-                                ge = grad_cols[src + np.uint64(cc)]
-                                va = inp[a + cc] if ok00 else zero
-                                vb = inp[a + channels + cc] if ok01 else zero
-                                vc = inp[a + row_stride + cc] if ok10 else zero
-                                vd = inp[a + row_stride + channels + cc] if ok11 else zero
-                                top = va + lx * (vb - va)
-                                bottom = vc + lx * (vd - vc)
-                                acc_m += ge * (top + ly * (bottom - top))
-                                acc_y += ge * (bottom - top)
-                                acc_x += ge * (hy * (vb - va) + ly * (vd - vc))
+                            else:
+                                for c in range(n_c):
+                                    ge = grad_cols[src + c]
+                                    va = pad[a00 + c]
+                                    vb = pad[a01 + c]
+                                    vc = pad[a10 + c]
+                                    vd = pad[a11 + c]
+                                    top_v = va + lx * (vb - va)
+                                    bottom_v = vc + lx * (vd - vc)
+                                    acc_m += ge * (top_v + ly * (bottom_v - top_v))
+                                    acc_y += ge * (bottom_v - top_v)
+                                    acc_x += ge * (hy * (vb - va) + ly * (vd - vc))
                         grad_off[2 * gk * plane + pos] = acc_y * m
                         grad_off[(2 * gk + 1) * plane + pos] = acc_x * m
                         grad_msk[gk * plane + pos] = acc_m
-        item_rows[2 * item] = lowest
-        item_rows[2 * item + 1] = highest
+                        s += taps * count
+                    k += 1
+            q += 1
+        item_rows[2 * (item + r)] = lowest
+        item_rows[2 * (item + r) + 1] = highest
 
 
 @njit(nogil=True, cache=True, fastmath=_FASTMATH)
-def _backward_input(geo, runs, tile, lay, grad_cols, tap_corner, tap_weight, item_rows, grad_inp,
-                    chunk, chunks):  # fmt: skip
-    """Phase 2: scatter dL/d(samples) into the input gradient (flat [N, H, W, C]).
+def _backward_taps(pad, off, msk, has_mask, geo, runs, tile, lay, grad_cols, write_cols, cols,
+                   grad_off, grad_msk, tap_index, tap_row, tap_weight, item_rows, chunk,
+                   chunks):  # fmt: skip
+    """Phase 1 of the backward, over this chunk's tile rows.
 
-    The chunk owns a band of input rows of the tile's images and walks every tap in order,
+    ``grad_cols`` is dL/d(samples) in the layout ``lay`` of ``_sample`` (channels contiguous).
+    Writes dL/doffset and dL/dmask of the chunk's positions into ``grad_off`` / ``grad_msk``
+    (flat, the layouts of off / msk); with ``write_cols``, the samples themselves into ``cols``
+    (the layout of ``grad_cols``: the weight gradient's operand, from the corners this pass reads
+    anyway). For every tap t = ((item * wb + wl) * K + k) * G + g it records the flat index of
+    its top-left corner in the padded input gradient (``tap_index[t]``), that corner's row among
+    the tile's padded rows (``tap_row[t]``, image nl's rows numbered from nl * (H + 3); -2 when
+    nothing is sampled) and its four bilinear weights times the mask (``tap_weight[4t:4t+4]``);
+    and the range of those rows over each tile row ``item`` in ``item_rows[2 * item : + 2]``.
+    """
+    channels = geo[_C]
+    out_w, groups, kh, kw = geo[_OW], geo[_G], geo[_KH], geo[_KW]
+    dh, dw = geo[_DH], geo[_DW]
+    plane = geo[_OH] * out_w
+    taps = kh * kw
+    n0, r0, c0, nb, rb, wb = tile[0], tile[1], tile[2], tile[3], tile[4], tile[5]
+    dest = _run_destinations(runs, lay[4], geo[_CW], lay[5])
+    block_rows = max(1, _BLOCK // wb)
+    stride = groups * taps * block_rows * wb
+    index = np.empty(stride, dtype=np.int64)
+    frac = np.empty(8 * stride, dtype=grad_cols.dtype)
+    base_y = np.empty(block_rows * wb, dtype=np.float64)
+    base_x = np.empty(block_rows * wb, dtype=np.float64)
+    items = nb * rb
+    item = items * chunk // chunks
+    stop = items * (chunk + 1) // chunks
+    while item < stop:
+        nl = item // rb
+        n = n0 + nl
+        rows = min(block_rows, stop - item, rb - (item - nl * rb))
+        count = rows * wb
+        _block_bases(geo, tile, item, rows, base_y, base_x)
+        first = (r0 + item - nl * rb) * out_w + c0
+        for gk in range(groups * taps):
+            g = gk // taps
+            k = gk - g * taps
+            i = k // kw
+            at = (n * groups + g) * taps + k
+            _taps_backward(off, msk, has_mask, 2 * at * plane + first,
+                           (2 * at + 1) * plane + first, at * plane + first, base_y, base_x,
+                           np.float64(i * dh), np.float64((k - i * kw) * dw), geo, count, index,
+                           frac, gk * count, stride)  # fmt: skip
+        _backward_block(pad, grad_cols, write_cols, cols, grad_off, grad_msk, tap_index, tap_row,
+                        tap_weight, item_rows, index, frac, stride, geo, runs, dest, lay, item,
+                        rows, wb, n, nl, first)  # fmt: skip
+        item += rows
+
+
+@njit(nogil=True, cache=True, fastmath=_FASTMATH)
+def _backward_input(geo, runs, tile, lay, grad_cols, tap_index, tap_row, tap_weight, item_rows,
+                    grad_pad, chunk, chunks):  # fmt: skip
+    """Phase 2: scatter dL/d(samples) into the padded input gradient (flat [N, H+3, W+2, C]).
+
+    The chunk owns a band of padded rows of the tile's images and walks every tap in order,
     adding only into its own rows: no two threads write one element, and each element receives
     its contributions in tap order whatever the number of threads (bit-identical results).
+    Corners in the padding get their share too; the caller drops the padding.
     """
-    height, width, channels = geo[_H], geo[_W], geo[_C]
+    width, channels = geo[_W], geo[_C]
     groups, kh, kw = geo[_G], geo[_KH], geo[_KW]
     taps = kh * kw
-    n0, nb, rb, wb = tile[0], tile[3], tile[4], tile[5]
+    nb, rb, wb = tile[3], tile[4], tile[5]
     s_row, s_wl, s_i, s_j = lay[0], lay[1], lay[2], lay[3]
-    dest = _run_destinations(runs, lay[4], geo[_CW])
-    rows = nb * height  # rows of the tile's images, numbered (nl * H + y)
+    dest = _run_destinations(runs, lay[4], geo[_CW], lay[5])
+    row = (width + 2) * channels
+    image_rows = geo[_H] + 3
+    rows = nb * image_rows  # padded rows of the tile's images, numbered (nl * (H + 3) + y)
     lo = rows * chunk // chunks
     hi = rows * (chunk + 1) // chunks
     if hi <= lo:
         return
     for item in range(nb * rb):
-        nl = item // rb
-        first = nl * height  # this image's row 0 in the numbering above
+        first = (item // rb) * image_rows  # this image's row 0 in the numbering above
         if first + item_rows[2 * item + 1] + 1 < lo or first + item_rows[2 * item] >= hi:
             continue  # no tap of this tile row touches the band
-        image = (n0 + nl) * height * width * channels
         for wl in range(wb):
-            for i in range(kh):
-                for j in range(kw):
-                    k = i * kw + j
-                    base = item * s_row + wl * s_wl + i * s_i + j * s_j
-                    for g in range(groups):
-                        t = ((item * wb + wl) * taps + k) * groups + g
-                        y0 = tap_corner[2 * t]
-                        if y0 < -1 or first + y0 + 1 < lo or first + y0 >= hi:
-                            continue
-                        x0 = tap_corner[2 * t + 1]
-                        for dy in range(2):
-                            if first + y0 + dy < lo or first + y0 + dy >= hi:
-                                continue
-                            for dx in range(2):
-                                w = tap_weight[4 * t + 2 * dy + dx]
-                                if w == 0.0:  # also every corner outside the image
-                                    continue
-                                corner = image + ((y0 + dy) * width + x0 + dx) * channels
-                                for r in range(runs[g], runs[g + 1]):
-                                    _axpy(grad_inp, corner + runs[_RUNS + 3 * r], w, grad_cols,
-                                          base + dest[r], runs[_RUNS + 3 * r + 1])  # fmt: skip
+            i = 0
+            j = -1
+            for k in range(taps):  # k = i * kw + j, without a division
+                j += 1
+                if j == kw:
+                    i += 1
+                    j = 0
+                base = item * s_row + wl * s_wl + i * s_i + j * s_j
+                for g in range(groups):
+                    t = ((item * wb + wl) * taps + k) * groups + g
+                    top = tap_row[t]
+                    if top + 1 < lo or top >= hi:
+                        continue  # also every tap that samples nothing (row -2)
+                    corner = tap_index[t]
+                    for r in range(runs[g], runs[g + 1]):
+                        a = corner + runs[_RUNS + 3 * r]
+                        src = base + dest[r]
+                        count = runs[_RUNS + 3 * r + 1]
+                        if top >= lo:
+                            _axpy2(grad_pad, a, channels, tap_weight[4 * t],
+                                   tap_weight[4 * t + 1], grad_cols, src, count)  # fmt: skip
+                        if top + 1 < hi:
+                            _axpy2(grad_pad, a + row, channels, tap_weight[4 * t + 2],
+                                   tap_weight[4 * t + 3], grad_cols, src, count)  # fmt: skip
 
 
 def _tiles(batch, out_h, out_w, bytes_per_position, budget):
@@ -394,6 +608,31 @@ def _tiles(batch, out_h, out_w, bytes_per_position, budget):
                     yield n0, r0, c0, 1, 1, min(cols, out_w - c0)
 
 
+def _is_channels_last(t: torch.Tensor) -> bool:
+    """Channels-last memory that is not also plain contiguous (as F.conv2d decides its output)."""
+    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+def _padded(input: torch.Tensor) -> torch.Tensor:
+    """The input channels last with a border of zeros: [N, H + 3, W + 2, C], pixel (y, x) at
+    (y + 1, x + 1). Every bilinear corner of a sample inside (-1, H) x (-1, W) is in it, so the
+    kernels read corners without bounds checks; rows H + 1 and H + 2 are a block of zeros that
+    samples outside the band point at (``_row_taps``)."""
+    batch, channels, height, width = input.shape
+    pad = torch.empty((batch, height + 3, width + 2, channels), dtype=input.dtype)
+    pad[:, 0].zero_()
+    pad[:, height + 1 :].zero_()
+    pad[:, 1 : height + 1, 0].zero_()
+    pad[:, 1 : height + 1, width + 1].zero_()
+    pad[:, 1 : height + 1, 1 : width + 1].copy_(input.detach().permute(0, 2, 3, 1))
+    return pad
+
+
+#: The forward's GEMM: "expanded" (oneDNN's convolution of the expanded image), "gemm" (a plain
+#: GEMM of the column matrix) or "auto" (chosen per shape by ``_forward_gemm``).
+FORWARD_GEMM = "auto"
+
+
 class _Problem:
     """Shapes and flat numpy views shared by the forward and backward of one call."""
 
@@ -405,17 +644,17 @@ class _Problem:
         self.channels = channels
         self.weight_groups = channels // self.cw
         self.dtype = input.dtype
+        self.channels_last = _is_channels_last(input)
         groups = offset.shape[1] // (2 * self.taps)
         self.offset_groups = groups
         self.runs = _channel_runs(channels, groups, self.cw)
         self.geo = np.array([batch, height, width, channels, self.out_h, self.out_w, groups,
                              self.kh, self.kw, *stride, *padding, *dilation, self.cw],
                             dtype=np.int64)  # fmt: skip
-        # channels-last copy of the input (free when the caller's input already is channels last)
-        self.inp_cl = input.detach().permute(0, 2, 3, 1).contiguous()
+        self.pad = _padded(input)
         off = offset.detach().contiguous().numpy().reshape(-1)
         msk = mask.detach().contiguous().numpy().reshape(-1) if mask is not None else off
-        self.sources = (self.inp_cl.numpy().reshape(-1), off, msk, mask is not None)
+        self.sources = (self.pad.numpy().reshape(-1), off, msk, mask is not None)
         self.tiles = list(_tiles(batch, self.out_h, self.out_w,
                                  self.taps * channels * input.element_size(), TILE_BYTES))  # fmt: skip
 
@@ -431,43 +670,126 @@ class _Problem:
         """The tile as an NCHW view (channels-last memory) of E[nb, rb*kh, wb*kw, C]."""
         _, _, _, nb, rb, wb = tile
         c, kw = self.channels, self.kw
-        layout = np.array([self.kh * wb * kw * c, kw * c, wb * kw * c, c, self.cw], np.int64)
+        layout = np.array([self.kh * wb * kw * c, kw * c, wb * kw * c, c, self.cw, 1], np.int64)
         return self.sample(tile, (nb, rb * self.kh, wb * kw, c), layout).permute(0, 3, 1, 2)
 
     def column_layout(self, tile):
         """Layout of cols[P, wg, kh*kw*cw], P = the tile's positions (n, row, column)."""
         wb = tile[5]
         k, c, cw = self.taps, self.channels, self.cw
-        return np.array([wb * k * c, k * c, self.kw * cw, cw, k * cw], np.int64)
+        return np.array([wb * k * c, k * c, self.kw * cw, cw, k * cw, 1], np.int64)
 
     def columns(self, tile):
         nb, rb, wb = tile[3:]
         shape = (nb * rb * wb, self.weight_groups, self.taps * self.cw)
         return self.sample(tile, shape, self.column_layout(tile))
 
+    def group_columns(self, tile, channel_major=False):
+        """The tile's column matrix of each weight group, contiguous: cols[wg, P, kh*kw*cw], a
+        row (tap, channel) in ``weight.permute(0, 2, 3, 1)``'s order, or with ``channel_major``
+        (channel, tap), ``weight``'s own order (then the weight needs no reordering)."""
+        nb, rb, wb = tile[3:]
+        positions, k, cw = nb * rb * wb, self.taps, self.cw
+        if channel_major:
+            layout = [wb * k * cw, k * cw, self.kw, 1, positions * k * cw, k]
+        else:
+            layout = [wb * k * cw, k * cw, self.kw * cw, cw, positions * k * cw, 1]
+        return self.sample(tile, (self.weight_groups, positions, k * cw), np.array(layout, np.int64))
+
+    def weight_matrix(self, weight):
+        """The weight as [wg, Cout/wg, kh*kw*cw], matching the column layout."""
+        wg = self.weight_groups
+        return weight.detach().permute(0, 2, 3, 1).reshape(wg, self.out_channels // wg, self.taps * self.cw)
+
+
+def _forward_gemm(p: _Problem) -> bool:
+    """Whether the forward multiplies the column matrix (a plain GEMM) rather than convolving the
+    expanded image: oneDNN's strided convolution loses to the GEMM on small maps."""
+    if FORWARD_GEMM != "auto":
+        return FORWARD_GEMM == "gemm"
+    positions = max((t[3] * t[4] * t[5] for t in p.tiles), default=0)
+    return positions < 1024
+
+
+#: Forces the column order of the forward's GEMM: "channel" or "tap" major; "auto" decides.
+COLUMN_ORDER = "auto"
+
+
+def _channel_major(p: _Problem, weight) -> bool:
+    """Whether the forward's columns follow the weight's memory order (channel, tap) instead of
+    the sampler's natural (tap, channel): a weight in NCHW order then needs no reordering, which
+    costs more than the sampler's strided writes when the weight outweighs the columns (big
+    layers on small maps, batch 1)."""
+    if COLUMN_ORDER != "auto":
+        return COLUMN_ORDER == "channel"
+    if weight.permute(0, 2, 3, 1).is_contiguous():  # a channels-last weight: tap major is free
+        return False
+    positions = max((t[3] * t[4] * t[5] for t in p.tiles), default=0)
+    return p.out_channels > 2 * positions
+
+
+try:
+    _onednn_linear = torch.ops.mkldnn._linear_pointwise
+except (AttributeError, RuntimeError):  # a torch built without oneDNN
+    _onednn_linear = None
+
+#: Longest reduction handed to oneDNN's matmul: beyond it, with few rows and columns, oneDNN
+#: splits the reduction between threads, and the result would depend on their number.
+ONEDNN_MAX_REDUCTION = 16384
+
+
+def _matmul(a, w, bias=None):
+    """``a @ w.T (+ bias)`` for a [M, K] and w [N, K]: oneDNN's matmul where it is exact across
+    thread counts (float32, K not too long), else BLAS. On AMD CPUs the BLAS torch ships (MKL)
+    runs a slower code path, so oneDNN is worth a good deal on narrow outputs."""
+    if _onednn_linear is not None and a.dtype == torch.float32 and a.shape[1] <= ONEDNN_MAX_REDUCTION:
+        return _onednn_linear(a, w, bias, "none", [], "")
+    return torch.mm(a, w.t()) if bias is None else torch.addmm(bias, a, w.t())
+
 
 def forward(input, offset, weight, bias, stride, padding, dilation, mask):
     p = _Problem(input, offset, weight, stride, padding, dilation, mask)
-    out = torch.empty((input.shape[0], p.out_channels, p.out_h, p.out_w), dtype=input.dtype)
+    cout = p.out_channels
+    shape = (input.shape[0], cout, p.out_h, p.out_w)
+    memory_format = torch.channels_last if p.channels_last else torch.contiguous_format
     w = weight.detach()
     b = bias.detach() if bias is not None else None
+    gemm = _forward_gemm(p)
+    wg, cog = p.weight_groups, cout // p.weight_groups
+    if gemm:
+        channel_major = _channel_major(p, w)
+        w_mat = w.reshape(wg, cog, p.cw * p.taps) if channel_major else p.weight_matrix(w)
+        w_mat = w_mat.contiguous()
+    out = None
     for tile in p.tiles:
         n0, r0, c0, nb, rb, wb = tile
-        res = F.conv2d(p.expanded_image(tile), w, b, stride=(p.kh, p.kw), groups=p.weight_groups)
+        if gemm:
+            cols = p.group_columns(tile, channel_major)
+            parts = [_matmul(cols[gw], w_mat[gw], None if b is None else b[gw * cog : (gw + 1) * cog])
+                     for gw in range(wg)]  # fmt: skip
+            res = parts[0] if wg == 1 else torch.cat(parts, dim=1)
+            res = res.view(nb, rb, wb, cout).permute(0, 3, 1, 2)
+        else:
+            res = F.conv2d(p.expanded_image(tile), w, b, stride=(p.kh, p.kw), groups=wg)
+        if len(p.tiles) == 1:
+            return res.contiguous(memory_format=memory_format)
+        if out is None:
+            out = torch.empty(shape, dtype=p.dtype, memory_format=memory_format)
         out[n0 : n0 + nb, :, r0 : r0 + rb, c0 : c0 + wb] = res
+    if out is None:  # an empty batch
+        out = torch.empty(shape, dtype=p.dtype, memory_format=memory_format)
     return out
 
 
 def backward(grad_out, input, offset, weight, stride, padding, dilation, mask, need):
     """Gradients (input, offset, weight, mask) for the flags in ``need``; None where not needed."""
     need_input, need_offset, need_weight, need_mask = need
-    need_cols = need_input or need_offset or need_mask
+    need_taps = need_input or need_offset or need_mask
     p = _Problem(input, offset, weight, stride, padding, dilation, mask)
     wg, cog = p.weight_groups, p.out_channels // p.weight_groups
-    # weight as [wg, Cout/wg, kh*kw*cw], matching the column layout
-    w_mat = weight.detach().permute(0, 2, 3, 1).reshape(wg, cog, p.taps * p.cw)
+    w_mat = p.weight_matrix(weight)
     grad_w_mat = torch.zeros_like(w_mat) if need_weight else None
-    grad_inp = torch.zeros(p.inp_cl.shape, dtype=p.dtype) if need_input else None
+    grad_pad = torch.zeros(p.pad.shape, dtype=p.dtype) if need_input else None
     grad_offset = torch.empty(offset.shape, dtype=p.dtype)
     # without a mask its gradient is computed into a scratch buffer and dropped
     grad_mask = torch.empty(offset[:, : offset.shape[1] // 2].shape, dtype=p.dtype)
@@ -478,32 +800,40 @@ def backward(grad_out, input, offset, weight, stride, padding, dilation, mask, n
         # [P, Cout] in the column order (n, row, column)
         g = grad_out[n0 : n0 + nb, :, r0 : r0 + rb, c0 : c0 + wb].permute(0, 2, 3, 1)
         g = g.reshape(positions, p.out_channels)
-        if need_weight:
+        shape = (positions, wg, p.taps * p.cw)
+        if need_taps:
+            gc = _scratch("grad_samples", math.prod(shape), p.dtype).view(shape)
+            if wg == 1:
+                torch.mm(g, w_mat[0], out=gc[:, 0])
+            else:
+                for gw in range(wg):
+                    gc[:, gw] = g[:, gw * cog : (gw + 1) * cog] @ w_mat[gw]
+            cols = _scratch("samples", math.prod(shape), p.dtype).view(shape) if need_weight else gc
+            tile_np, layout, gc_np = np.array(tile, dtype=np.int64), p.column_layout(tile), gc.numpy().reshape(-1)
+            tap_count = positions * p.taps * p.offset_groups
+            tap_index = _scratch("tap_index", tap_count, torch.int64).numpy()
+            tap_row = _scratch("tap_row", tap_count, torch.int64).numpy()
+            tap_weight = _scratch("tap_weight", 4 * tap_count, p.dtype).numpy()
+            item_rows = np.empty(2 * nb * rb, dtype=np.int64)
+            run_chunked(_backward_taps, num_chunks(nb * rb, gc.numel()), *p.sources, p.geo, p.runs, tile_np,
+                        layout, gc_np, need_weight, cols.numpy().reshape(-1),
+                        grad_offset.numpy().reshape(-1), grad_mask.numpy().reshape(-1),
+                        tap_index, tap_row, tap_weight, item_rows)  # fmt: skip
+            if need_input:
+                run_chunked(_backward_input, num_chunks(nb * (p.geo[_H] + 3), gc.numel()), p.geo, p.runs,
+                            tile_np, layout, gc_np, tap_index, tap_row, tap_weight, item_rows,
+                            grad_pad.numpy().reshape(-1))  # fmt: skip
+        elif need_weight:
             cols = p.columns(tile)
+        if need_weight:
             for gw in range(wg):
                 grad_w_mat[gw].addmm_(g[:, gw * cog : (gw + 1) * cog].t(), cols[:, gw])
-        if not need_cols:
-            continue
-        shape = (positions, wg, p.taps * p.cw)
-        gc = _scratch("grad_samples", math.prod(shape), p.dtype).view(shape)
-        if wg == 1:
-            torch.mm(g, w_mat[0], out=gc[:, 0])
-        else:
-            for gw in range(wg):
-                gc[:, gw] = g[:, gw * cog : (gw + 1) * cog] @ w_mat[gw]
-        tile_np, layout, gc_np = np.array(tile, dtype=np.int64), p.column_layout(tile), gc.numpy().reshape(-1)
-        tap_count = positions * p.taps * p.offset_groups
-        tap_corner = np.empty(2 * tap_count, dtype=np.int64)
-        tap_weight = np.empty(4 * tap_count, dtype=gc_np.dtype)
-        item_rows = np.empty(2 * nb * rb, dtype=np.int64)
-        run_chunked(_backward_offset, num_chunks(nb * rb, gc.numel()), *p.sources, p.geo, p.runs, tile_np, layout,
-                    gc_np, grad_offset.numpy().reshape(-1), grad_mask.numpy().reshape(-1),
-                    tap_corner, tap_weight, item_rows)  # fmt: skip
-        if need_input:
-            run_chunked(_backward_input, num_chunks(nb * p.geo[1], gc.numel()), p.geo, p.runs, tile_np, layout,
-                        gc_np, tap_corner, tap_weight, item_rows,
-                        grad_inp.numpy().reshape(-1))  # fmt: skip
-    grad_input = grad_inp.permute(0, 3, 1, 2).contiguous() if need_input else None
+    grad_input = None
+    if need_input:
+        height, width = input.shape[-2:]
+        grad_input = grad_pad[:, 1 : height + 1, 1 : width + 1].permute(0, 3, 1, 2)
+        grad_input = grad_input.contiguous(
+            memory_format=torch.channels_last if p.channels_last else torch.contiguous_format)
     grad_weight = None
     if need_weight:
         grad_weight = grad_w_mat.reshape(p.out_channels, p.kh, p.kw, p.cw).permute(0, 3, 1, 2)
