@@ -164,6 +164,33 @@ _BLOCK = 256
 
 
 @njit(nogil=True, cache=True, inline="always")
+def _block_rows(rb, wb):
+    """Tile rows per block: whole rows of one image, about ``_BLOCK`` positions, and at least
+    eight blocks an image where it has the rows (a batch-1 map still splits between threads)."""
+    return max(1, min(_BLOCK // wb, (rb + 7) // 8))
+
+
+def _block_count(tile) -> int:
+    """Blocks of a tile (as ``_block``): the unit of work the kernels split between threads."""
+    nb, rb, wb = tile[3:]
+    return nb * -(-rb // _block_rows(rb, wb))
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _block(tile, b):
+    """First tile row ``item`` and row count of block ``b``. Blocks lie on a fixed grid (each
+    image's rows from its first, ``_block_rows`` at a time) whatever the threads: a position is
+    always located by the same code (the vector loop or its remainder), so results do not depend
+    on the number of threads."""
+    rb, wb = tile[4], tile[5]
+    block_rows = _block_rows(rb, wb)
+    per_image = (rb + block_rows - 1) // block_rows
+    nl = b // per_image
+    first_row = (b - nl * per_image) * block_rows
+    return nl * rb + first_row, min(block_rows, rb - first_row)
+
+
+@njit(nogil=True, cache=True, inline="always")
 def _block_bases(geo, tile, item, rows, base_y, base_x):
     """Regular-grid coordinates (before the kernel offset) of ``rows`` tile rows from ``item``."""
     sh, sw, ph, pw = geo[_SH], geo[_SW], geo[_PH], geo[_PW]
@@ -218,11 +245,12 @@ def _taps(off, msk, has_mask, o_y, o_x, o_m, base_y, base_x, dy, dx, geo, count,
 
 @njit(nogil=True, cache=True, fastmath=_FASTMATH, inline="always")
 def _taps_backward(off, msk, has_mask, o_y, o_x, o_m, base_y, base_x, dy, dx, geo, count, index,
-                   frac, s, stride):  # fmt: skip
+                   frac, s, stride, weights):  # fmt: skip
     """As ``_taps`` for the backward: the band includes -1 (the one-sided derivative there,
-    torchvision's convention); ``frac[s + q + p * stride]`` holds for p = 0..7 the fractions ly
-    and lx, the mask, the padded row of the top corners (-2 outside the band), and the four
-    bilinear weights times the mask. Outside the band every one of them but the row is zero."""
+    torchvision's convention); ``frac[s + q + p * stride]`` holds for p = 0..3 the fractions ly
+    and lx, the mask and the padded row of the top corners (-1 outside the band), and with
+    ``weights`` for p = 4..7 the four bilinear weights times the mask. Outside the band every
+    one of them but the row is zero, and the corner a block of padding."""
     height, width, channels = geo[_H], geo[_W], geo[_C]
     rowf = np.float64((width + 2) * channels)
     colf = np.float64(channels)
@@ -247,11 +275,45 @@ def _taps_backward(off, msk, has_mask, o_y, o_x, o_m, base_y, base_x, dy, dx, ge
         frac[s + q] = cast(ly) if inside else zero
         frac[s + q + stride] = cast(lx) if inside else zero
         frac[s + q + 2 * stride] = cast(m) if inside else zero
-        frac[s + q + 3 * stride] = cast(yf + 1.0) if inside else cast(-2.0)
-        frac[s + q + 4 * stride] = cast((1.0 - ly) * (1.0 - lx) * m) if inside else zero
-        frac[s + q + 5 * stride] = cast((1.0 - ly) * lx * m) if inside else zero
-        frac[s + q + 6 * stride] = cast(ly * (1.0 - lx) * m) if inside else zero
-        frac[s + q + 7 * stride] = cast(ly * lx * m) if inside else zero
+        frac[s + q + 3 * stride] = cast(yf + 1.0) if inside else cast(-1.0)
+        if weights:
+            frac[s + q + 4 * stride] = cast((1.0 - ly) * (1.0 - lx) * m) if inside else zero
+            frac[s + q + 5 * stride] = cast((1.0 - ly) * lx * m) if inside else zero
+            frac[s + q + 6 * stride] = cast(ly * (1.0 - lx) * m) if inside else zero
+            frac[s + q + 7 * stride] = cast(ly * lx * m) if inside else zero
+
+
+@njit(nogil=True, cache=True, fastmath=_FASTMATH, inline="always")
+def _locate_block(off, msk, has_mask, geo, tile, item, rows, base_y, base_x, index, values,
+                  stride, backward, weights):  # fmt: skip
+    """Every tap of a block: ``_taps`` (or ``_taps_backward``) for each (group, tap), their
+    positions at ``(g * K + k) * count + q``. Returns the block's first position in its plane."""
+    out_w, groups, kh, kw = geo[_OW], geo[_G], geo[_KH], geo[_KW]
+    dh, dw = geo[_DH], geo[_DW]
+    plane = geo[_OH] * out_w
+    taps = kh * kw
+    n0, r0, c0, rb, wb = tile[0], tile[1], tile[2], tile[4], tile[5]
+    nl = item // rb
+    n = n0 + nl
+    count = rows * wb
+    _block_bases(geo, tile, item, rows, base_y, base_x)
+    first = (r0 + item - nl * rb) * out_w + c0  # the block's positions are consecutive
+    for gk in range(groups * taps):
+        g = gk // taps
+        k = gk - g * taps
+        i = k // kw
+        at = (n * groups + g) * taps + k
+        dy = np.float64(i * dh)
+        dx = np.float64((k - i * kw) * dw)
+        if backward:
+            _taps_backward(off, msk, has_mask, 2 * at * plane + first, (2 * at + 1) * plane + first,
+                           at * plane + first, base_y, base_x, dy, dx, geo, count, index, values,
+                           gk * count, stride, weights)  # fmt: skip
+        else:
+            _taps(off, msk, has_mask, 2 * at * plane + first, (2 * at + 1) * plane + first,
+                  at * plane + first, base_y, base_x, dy, dx, geo, count, index, values,
+                  gk * count, stride)  # fmt: skip
+    return first
 
 
 @njit(nogil=True, cache=True, fastmath=_FASTMATH)
@@ -336,252 +398,317 @@ def _sample(pad, off, msk, has_mask, geo, runs, tile, lay, out, chunk, chunks):
     tap (i, j) of tile position (nl, rl, wl) goes to
     ``out[(nl*rb + rl)*s_row + wl*s_wl + i*s_i + j*s_j + gw*s_g + (c % cw)*s_c]``, ``lay``
     holding (s_row, s_wl, s_i, s_j, s_g, s_c). ``runs`` lists the channel runs (see
-    ``_channel_runs``).
+    ``_channel_runs``). The chunk does its share of the tile's blocks (``_block``).
 
     By blocks of output positions: first the corners and weights of every tap (``_taps``,
     vectorised across positions), then the samples, channels innermost (vectorised across
     channels). The padding makes every corner readable, so the channel loop has no branch.
     """
-    channels = geo[_C]
-    out_w, groups, kh, kw = geo[_OW], geo[_G], geo[_KH], geo[_KW]
-    dh, dw = geo[_DH], geo[_DW]
-    plane = geo[_OH] * out_w
-    taps = kh * kw
-    n0, r0, c0, nb, rb, wb = tile[0], tile[1], tile[2], tile[3], tile[4], tile[5]
+    channels, groups, taps = geo[_C], geo[_G], geo[_KH] * geo[_KW]
+    n0, rb, wb = tile[0], tile[4], tile[5]
     dest = _run_destinations(runs, lay[4], geo[_CW], lay[5])
     # every offset group one run of channels, written contiguously: the common case
     simple = lay[5] == 1 and runs.size - _RUNS == 3 * groups
     image_size = (geo[_H] + 3) * (geo[_W] + 2) * channels
-    block_rows = max(1, _BLOCK // wb)
+    block_rows = _block_rows(rb, wb)
     stride = groups * taps * block_rows * wb  # one plane of the weights below
     index = np.empty(stride, dtype=np.int64)
     weight = np.empty(4 * stride, dtype=out.dtype)
     base_y = np.empty(block_rows * wb, dtype=np.float64)
     base_x = np.empty(block_rows * wb, dtype=np.float64)
-    items = nb * rb
-    item = items * chunk // chunks
-    stop = items * (chunk + 1) // chunks
-    while item < stop:
-        nl = item // rb
-        n = n0 + nl
-        rows = min(block_rows, stop - item, rb - (item - nl * rb))  # rows of one image
-        count = rows * wb
-        _block_bases(geo, tile, item, rows, base_y, base_x)
-        first = (r0 + item - nl * rb) * out_w + c0  # the block's positions are consecutive
-        for gk in range(groups * taps):
-            g = gk // taps
-            k = gk - g * taps
-            i = k // kw
-            at = (n * groups + g) * taps + k
-            _taps(off, msk, has_mask, 2 * at * plane + first, (2 * at + 1) * plane + first,
-                  at * plane + first, base_y, base_x, np.float64(i * dh),
-                  np.float64((k - i * kw) * dw), geo, count, index, weight, gk * count,
-                  stride)  # fmt: skip
+    blocks = tile[3] * ((rb + block_rows - 1) // block_rows)
+    for b in range(blocks * chunk // chunks, blocks * (chunk + 1) // chunks):
+        item, rows = _block(tile, b)
+        _locate_block(off, msk, has_mask, geo, tile, item, rows, base_y, base_x, index, weight,
+                      stride, False, True)  # fmt: skip
+        image = (n0 + item // rb) * image_size
         if simple:
-            _blend_block_simple(out, pad, n * image_size, index, weight, stride, geo, dest, lay,
-                                item, rows, wb)  # fmt: skip
+            _blend_block_simple(out, pad, image, index, weight, stride, geo, dest, lay, item, rows,
+                                wb)  # fmt: skip
         else:
-            _blend_block(out, pad, n * image_size, index, weight, stride, geo, runs, dest, lay, item,
-                         rows, wb)  # fmt: skip
-        item += rows
+            _blend_block(out, pad, image, index, weight, stride, geo, runs, dest, lay, item, rows,
+                         wb)  # fmt: skip
 
 
 @njit(nogil=True, cache=True, fastmath=_FASTMATH)
-def _backward_block(pad, grad_cols, write_cols, cols, grad_off, grad_msk, tap_index, tap_row,
-                    tap_weight, item_rows, index, frac, stride, geo, runs, dest, lay, item, rows, wb,
-                    n, nl, first):  # fmt: skip
-    """The per-tap work of ``_backward_taps`` for a block of positions (a function of its own,
-    as ``_blend_block``)."""
-    channels, groups, kh, kw = geo[_C], geo[_G], geo[_KH], geo[_KW]
-    taps = kh * kw
-    plane = geo[_OH] * geo[_OW]
+def _backward_reduce_simple(pad, grad_cols, write_cols, cols, image, index, frac, stride, geo,
+                            dest, lay, item, rows, wb, sums):  # fmt: skip
+    """``_backward_reduce`` when every offset group is one run of channels (the common case)."""
+    channels, groups, kw = geo[_C], geo[_G], geo[_KW]
+    cpg = channels // groups
+    taps = geo[_KH] * kw
     s_row, s_wl, s_i, s_j = lay[0], lay[1], lay[2], lay[3]
-    row = (geo[_W] + 2) * channels
-    image_rows = geo[_H] + 3
+    col = np.uint64(channels)
+    row = np.uint64((geo[_W] + 2) * channels)
     count = rows * wb
     cast = grad_cols.dtype.type
     zero = cast(0.0)
     one = cast(1.0)
-    image = n * image_rows * row
     q = 0
     for r in range(rows):
-        lowest = image_rows
-        highest = -2
         for wl in range(wb):
-            pos = first + q
             at = (item + r) * s_row + wl * s_wl
-            k = 0
-            for i in range(kh):
-                for j in range(kw):
-                    base = at + i * s_i + j * s_j
-                    s = k * count + q
-                    for g in range(groups):
-                        t = (((item + r) * wb + wl) * taps + k) * groups + g
-                        gk = (n * groups + g) * taps + k
-                        # a tap outside the band reads a block of padding with weights 0: its
-                        # gradients and samples come out 0 without a branch
-                        corner = image + index[s]
-                        top = int(frac[s + 3 * stride])
-                        tap_index[t] = corner
-                        tap_row[t] = nl * image_rows + top if top >= 0 else -2
-                        lowest = min(lowest, top) if top >= 0 else lowest
-                        highest = max(highest, top)
-                        for p in range(4):
-                            tap_weight[4 * t + p] = frac[s + (4 + p) * stride]
-                        ly, lx, m = frac[s], frac[s + stride], frac[s + 2 * stride]
-                        hy = one - ly
-                        acc_y = zero
-                        acc_x = zero
-                        acc_m = zero
-                        for r_ in range(runs[g], runs[g + 1]):
-                            src = np.uint64(base + dest[r_])
-                            a00 = np.uint64(corner + runs[_RUNS + 3 * r_])
-                            a01 = a00 + np.uint64(channels)
-                            a10 = a00 + np.uint64(row)
-                            a11 = a10 + np.uint64(channels)
-                            n_c = np.uint64(runs[_RUNS + 3 * r_ + 1])
-                            if write_cols:
-                                for c in range(n_c):
-                                    ge = grad_cols[src + c]
-                                    va = pad[a00 + c]
-                                    vb = pad[a01 + c]
-                                    vc = pad[a10 + c]
-                                    vd = pad[a11 + c]
-                                    top_v = va + lx * (vb - va)
-                                    bottom_v = vc + lx * (vd - vc)
-                                    value = top_v + ly * (bottom_v - top_v)
-                                    cols[src + c] = m * value
-                                    acc_m += ge * value
-                                    acc_y += ge * (bottom_v - top_v)
-                                    acc_x += ge * (hy * (vb - va) + ly * (vd - vc))
-                            else:
-                                for c in range(n_c):
-                                    ge = grad_cols[src + c]
-                                    va = pad[a00 + c]
-                                    vb = pad[a01 + c]
-                                    vc = pad[a10 + c]
-                                    vd = pad[a11 + c]
-                                    top_v = va + lx * (vb - va)
-                                    bottom_v = vc + lx * (vd - vc)
-                                    acc_m += ge * (top_v + ly * (bottom_v - top_v))
-                                    acc_y += ge * (bottom_v - top_v)
-                                    acc_x += ge * (hy * (vb - va) + ly * (vd - vc))
-                        grad_off[2 * gk * plane + pos] = acc_y * m
-                        grad_off[(2 * gk + 1) * plane + pos] = acc_x * m
-                        grad_msk[gk * plane + pos] = acc_m
-                        s += taps * count
-                    k += 1
+            i = 0
+            j = 0
+            for k in range(taps):
+                s = k * count + q
+                for g in range(groups):
+                    src = np.uint64(at + i * s_i + j * s_j + dest[g])
+                    a00 = np.uint64(image + index[s] + g * cpg)
+                    a01 = a00 + col
+                    a10 = a00 + row
+                    a11 = a10 + col
+                    ly, lx, m = frac[s], frac[s + stride], frac[s + 2 * stride]
+                    hy = one - ly
+                    acc_y = zero
+                    acc_x = zero
+                    acc_m = zero
+                    if write_cols:
+                        for c in range(np.uint64(cpg)):
+                            ge = grad_cols[src + c]
+                            va = pad[a00 + c]
+                            vb = pad[a01 + c]
+                            vc = pad[a10 + c]
+                            vd = pad[a11 + c]
+                            top = va + lx * (vb - va)
+                            bottom = vc + lx * (vd - vc)
+                            value = top + ly * (bottom - top)
+                            cols[src + c] = m * value
+                            acc_m += ge * value
+                            acc_y += ge * (bottom - top)
+                            acc_x += ge * (hy * (vb - va) + ly * (vd - vc))
+                    else:
+                        for c in range(np.uint64(cpg)):
+                            ge = grad_cols[src + c]
+                            va = pad[a00 + c]
+                            vb = pad[a01 + c]
+                            vc = pad[a10 + c]
+                            vd = pad[a11 + c]
+                            top = va + lx * (vb - va)
+                            bottom = vc + lx * (vd - vc)
+                            acc_m += ge * (top + ly * (bottom - top))
+                            acc_y += ge * (bottom - top)
+                            acc_x += ge * (hy * (vb - va) + ly * (vd - vc))
+                    sums[s] = acc_y * m
+                    sums[s + stride] = acc_x * m
+                    sums[s + 2 * stride] = acc_m
+                    s += taps * count
+                j += 1
+                if j == kw:
+                    i += 1
+                    j = 0
             q += 1
-        item_rows[2 * (item + r)] = lowest
-        item_rows[2 * (item + r) + 1] = highest
+
+
+@njit(nogil=True, cache=True, fastmath=_FASTMATH)
+def _backward_reduce(pad, grad_cols, write_cols, cols, image, index, frac, stride, geo, runs,
+                     dest, lay, item, rows, wb, sums):  # fmt: skip
+    """The channel work of ``_backward_taps`` for a block: per tap, dL/dy and dL/dx (times the
+    mask) and dL/dmask into ``sums[s + p * stride]`` (p = 0, 1, 2), and with ``write_cols`` the
+    samples themselves. A function of its own, as ``_blend_block``."""
+    channels, groups, kh, kw = geo[_C], geo[_G], geo[_KH], geo[_KW]
+    taps = kh * kw
+    s_row, s_wl, s_i, s_j = lay[0], lay[1], lay[2], lay[3]
+    col = np.uint64(channels)
+    row = np.uint64((geo[_W] + 2) * channels)
+    count = rows * wb
+    cast = grad_cols.dtype.type
+    zero = cast(0.0)
+    one = cast(1.0)
+    q = 0
+    for r in range(rows):
+        for wl in range(wb):
+            at = (item + r) * s_row + wl * s_wl
+            i = 0
+            j = 0
+            for k in range(taps):
+                base = at + i * s_i + j * s_j
+                s = k * count + q
+                for g in range(groups):
+                    corner = image + index[s]
+                    ly, lx, m = frac[s], frac[s + stride], frac[s + 2 * stride]
+                    hy = one - ly
+                    acc_y = zero
+                    acc_x = zero
+                    acc_m = zero
+                    for r_ in range(runs[g], runs[g + 1]):
+                        src = np.uint64(base + dest[r_])
+                        a00 = np.uint64(corner + runs[_RUNS + 3 * r_])
+                        a01 = a00 + col
+                        a10 = a00 + row
+                        a11 = a10 + col
+                        n_c = np.uint64(runs[_RUNS + 3 * r_ + 1])
+                        if write_cols:
+                            for c in range(n_c):
+                                ge = grad_cols[src + c]
+                                va = pad[a00 + c]
+                                vb = pad[a01 + c]
+                                vc = pad[a10 + c]
+                                vd = pad[a11 + c]
+                                top = va + lx * (vb - va)
+                                bottom = vc + lx * (vd - vc)
+                                value = top + ly * (bottom - top)
+                                cols[src + c] = m * value
+                                acc_m += ge * value
+                                acc_y += ge * (bottom - top)
+                                acc_x += ge * (hy * (vb - va) + ly * (vd - vc))
+                        else:
+                            for c in range(n_c):
+                                ge = grad_cols[src + c]
+                                va = pad[a00 + c]
+                                vb = pad[a01 + c]
+                                vc = pad[a10 + c]
+                                vd = pad[a11 + c]
+                                top = va + lx * (vb - va)
+                                bottom = vc + lx * (vd - vc)
+                                acc_m += ge * (top + ly * (bottom - top))
+                                acc_y += ge * (bottom - top)
+                                acc_x += ge * (hy * (vb - va) + ly * (vd - vc))
+                    sums[s] = acc_y * m
+                    sums[s + stride] = acc_x * m
+                    sums[s + 2 * stride] = acc_m
+                    s += taps * count
+                j += 1
+                if j == kw:
+                    i += 1
+                    j = 0
+            q += 1
 
 
 @njit(nogil=True, cache=True, fastmath=_FASTMATH)
 def _backward_taps(pad, off, msk, has_mask, geo, runs, tile, lay, grad_cols, write_cols, cols,
-                   grad_off, grad_msk, tap_index, tap_row, tap_weight, item_rows, chunk,
-                   chunks):  # fmt: skip
-    """Phase 1 of the backward, over this chunk's tile rows.
+                   grad_off, grad_msk, item_rows, chunk, chunks):  # fmt: skip
+    """Phase 1 of the backward, over this chunk's blocks of the tile (``_block``).
 
     ``grad_cols`` is dL/d(samples) in the layout ``lay`` of ``_sample`` (channels contiguous).
     Writes dL/doffset and dL/dmask of the chunk's positions into ``grad_off`` / ``grad_msk``
     (flat, the layouts of off / msk); with ``write_cols``, the samples themselves into ``cols``
     (the layout of ``grad_cols``: the weight gradient's operand, from the corners this pass reads
-    anyway). For every tap t = ((item * wb + wl) * K + k) * G + g it records the flat index of
-    its top-left corner in the padded input gradient (``tap_index[t]``), that corner's row among
-    the tile's padded rows (``tap_row[t]``, image nl's rows numbered from nl * (H + 3); -2 when
-    nothing is sampled) and its four bilinear weights times the mask (``tap_weight[4t:4t+4]``);
-    and the range of those rows over each tile row ``item`` in ``item_rows[2 * item : + 2]``.
+    anyway); and for each tile row ``item`` the range of the padded rows its taps' top corners
+    lie on, in ``item_rows[2 * item : 2 * item + 2]`` (empty, (H + 3, -1), if none samples).
     """
-    channels = geo[_C]
-    out_w, groups, kh, kw = geo[_OW], geo[_G], geo[_KH], geo[_KW]
-    dh, dw = geo[_DH], geo[_DW]
+    out_w, groups, taps = geo[_OW], geo[_G], geo[_KH] * geo[_KW]
     plane = geo[_OH] * out_w
-    taps = kh * kw
-    n0, r0, c0, nb, rb, wb = tile[0], tile[1], tile[2], tile[3], tile[4], tile[5]
+    n0, rb, wb = tile[0], tile[4], tile[5]
     dest = _run_destinations(runs, lay[4], geo[_CW], lay[5])
-    block_rows = max(1, _BLOCK // wb)
+    simple = runs.size - _RUNS == 3 * groups  # every offset group one run of channels
+    image_rows = geo[_H] + 3
+    image_size = image_rows * (geo[_W] + 2) * geo[_C]
+    block_rows = _block_rows(rb, wb)
+    stride = groups * taps * block_rows * wb
+    index = np.empty(stride, dtype=np.int64)
+    frac = np.empty(4 * stride, dtype=grad_cols.dtype)
+    sums = np.empty(3 * stride, dtype=grad_cols.dtype)
+    base_y = np.empty(block_rows * wb, dtype=np.float64)
+    base_x = np.empty(block_rows * wb, dtype=np.float64)
+    blocks = tile[3] * ((rb + block_rows - 1) // block_rows)
+    for b in range(blocks * chunk // chunks, blocks * (chunk + 1) // chunks):
+        item, rows = _block(tile, b)
+        count = rows * wb
+        first = _locate_block(off, msk, has_mask, geo, tile, item, rows, base_y, base_x, index,
+                              frac, stride, True, False)  # fmt: skip
+        n = n0 + item // rb
+        if simple:
+            _backward_reduce_simple(pad, grad_cols, write_cols, cols, n * image_size, index, frac,
+                                    stride, geo, dest, lay, item, rows, wb, sums)  # fmt: skip
+        else:
+            _backward_reduce(pad, grad_cols, write_cols, cols, n * image_size, index, frac, stride,
+                             geo, runs, dest, lay, item, rows, wb, sums)  # fmt: skip
+        # the block's offset / mask gradients: one contiguous run per (group, tap)
+        for gk in range(groups * taps):
+            at = n * groups * taps + gk
+            o_y = np.uint64(2 * at * plane + first)
+            o_m = np.uint64(at * plane + first)
+            s = np.uint64(gk * count)
+            for q in range(np.uint64(count)):
+                grad_off[o_y + q] = sums[s + q]
+                grad_off[o_y + np.uint64(plane) + q] = sums[s + np.uint64(stride) + q]
+                grad_msk[o_m + q] = sums[s + np.uint64(2 * stride) + q]
+        for r in range(rows):
+            lowest = np.float64(image_rows)
+            highest = -1.0
+            for gk in range(groups * taps):
+                s = np.uint64(3 * stride + gk * count + r * wb)
+                for wl in range(np.uint64(wb)):
+                    top = np.float64(frac[s + wl])
+                    lowest = min(lowest, top) if top >= 0.0 else lowest
+                    highest = max(highest, top)
+            item_rows[2 * (item + r)] = int(lowest)
+            item_rows[2 * (item + r) + 1] = int(highest)
+
+
+@njit(nogil=True, cache=True, fastmath=_FASTMATH)
+def _backward_input(off, msk, has_mask, geo, runs, tile, lay, grad_cols, item_rows, grad_pad,
+                    chunk, chunks):  # fmt: skip
+    """Phase 2: scatter dL/d(samples) into the padded input gradient (flat [N, H+3, W+2, C]).
+
+    The chunk owns a band of padded rows of the tile's images. It walks every block whose taps
+    touch the band (``item_rows``), locates its taps again (cheaper than keeping a table of
+    them), and adds only into its own rows: no two threads write one element, and each element
+    receives its contributions in tap order whatever the number of threads (bit-identical
+    results). Corners in the padding get their share too; the caller drops the padding.
+    """
+    channels, groups, kh, kw = geo[_C], geo[_G], geo[_KH], geo[_KW]
+    taps = kh * kw
+    n0, nb, rb, wb = tile[0], tile[3], tile[4], tile[5]
+    s_row, s_wl, s_i, s_j = lay[0], lay[1], lay[2], lay[3]
+    dest = _run_destinations(runs, lay[4], geo[_CW], lay[5])
+    row = (geo[_W] + 2) * channels
+    image_rows = geo[_H] + 3
+    rows_all = nb * image_rows  # padded rows of the tile's images, numbered (nl * (H + 3) + y)
+    lo = rows_all * chunk // chunks
+    hi = rows_all * (chunk + 1) // chunks
+    if hi <= lo:
+        return
+    block_rows = _block_rows(rb, wb)
     stride = groups * taps * block_rows * wb
     index = np.empty(stride, dtype=np.int64)
     frac = np.empty(8 * stride, dtype=grad_cols.dtype)
     base_y = np.empty(block_rows * wb, dtype=np.float64)
     base_x = np.empty(block_rows * wb, dtype=np.float64)
-    items = nb * rb
-    item = items * chunk // chunks
-    stop = items * (chunk + 1) // chunks
-    while item < stop:
-        nl = item // rb
-        n = n0 + nl
-        rows = min(block_rows, stop - item, rb - (item - nl * rb))
+    blocks = nb * ((rb + block_rows - 1) // block_rows)
+    for b in range(blocks):
+        item, rows = _block(tile, b)
+        first_row = (item // rb) * image_rows  # this image's row 0 in the numbering above
+        touches = False
+        for r in range(rows):
+            if first_row + item_rows[2 * (item + r) + 1] + 1 >= lo and first_row + item_rows[2 * (item + r)] < hi:
+                touches = True
+        if not touches:
+            continue
+        _locate_block(off, msk, has_mask, geo, tile, item, rows, base_y, base_x, index, frac,
+                      stride, True, True)  # fmt: skip
+        image = (n0 + item // rb) * image_rows * row
         count = rows * wb
-        _block_bases(geo, tile, item, rows, base_y, base_x)
-        first = (r0 + item - nl * rb) * out_w + c0
-        for gk in range(groups * taps):
-            g = gk // taps
-            k = gk - g * taps
-            i = k // kw
-            at = (n * groups + g) * taps + k
-            _taps_backward(off, msk, has_mask, 2 * at * plane + first,
-                           (2 * at + 1) * plane + first, at * plane + first, base_y, base_x,
-                           np.float64(i * dh), np.float64((k - i * kw) * dw), geo, count, index,
-                           frac, gk * count, stride)  # fmt: skip
-        _backward_block(pad, grad_cols, write_cols, cols, grad_off, grad_msk, tap_index, tap_row,
-                        tap_weight, item_rows, index, frac, stride, geo, runs, dest, lay, item,
-                        rows, wb, n, nl, first)  # fmt: skip
-        item += rows
-
-
-@njit(nogil=True, cache=True, fastmath=_FASTMATH)
-def _backward_input(geo, runs, tile, lay, grad_cols, tap_index, tap_row, tap_weight, item_rows,
-                    grad_pad, chunk, chunks):  # fmt: skip
-    """Phase 2: scatter dL/d(samples) into the padded input gradient (flat [N, H+3, W+2, C]).
-
-    The chunk owns a band of padded rows of the tile's images and walks every tap in order,
-    adding only into its own rows: no two threads write one element, and each element receives
-    its contributions in tap order whatever the number of threads (bit-identical results).
-    Corners in the padding get their share too; the caller drops the padding.
-    """
-    width, channels = geo[_W], geo[_C]
-    groups, kh, kw = geo[_G], geo[_KH], geo[_KW]
-    taps = kh * kw
-    nb, rb, wb = tile[3], tile[4], tile[5]
-    s_row, s_wl, s_i, s_j = lay[0], lay[1], lay[2], lay[3]
-    dest = _run_destinations(runs, lay[4], geo[_CW], lay[5])
-    row = (width + 2) * channels
-    image_rows = geo[_H] + 3
-    rows = nb * image_rows  # padded rows of the tile's images, numbered (nl * (H + 3) + y)
-    lo = rows * chunk // chunks
-    hi = rows * (chunk + 1) // chunks
-    if hi <= lo:
-        return
-    for item in range(nb * rb):
-        first = (item // rb) * image_rows  # this image's row 0 in the numbering above
-        if first + item_rows[2 * item + 1] + 1 < lo or first + item_rows[2 * item] >= hi:
-            continue  # no tap of this tile row touches the band
-        for wl in range(wb):
-            i = 0
-            j = -1
-            for k in range(taps):  # k = i * kw + j, without a division
-                j += 1
-                if j == kw:
-                    i += 1
-                    j = 0
-                base = item * s_row + wl * s_wl + i * s_i + j * s_j
-                for g in range(groups):
-                    t = ((item * wb + wl) * taps + k) * groups + g
-                    top = tap_row[t]
-                    if top + 1 < lo or top >= hi:
-                        continue  # also every tap that samples nothing (row -2)
-                    corner = tap_index[t]
-                    for r in range(runs[g], runs[g + 1]):
-                        a = corner + runs[_RUNS + 3 * r]
-                        src = base + dest[r]
-                        count = runs[_RUNS + 3 * r + 1]
-                        if top >= lo:
-                            _axpy2(grad_pad, a, channels, tap_weight[4 * t],
-                                   tap_weight[4 * t + 1], grad_cols, src, count)  # fmt: skip
-                        if top + 1 < hi:
-                            _axpy2(grad_pad, a + row, channels, tap_weight[4 * t + 2],
-                                   tap_weight[4 * t + 3], grad_cols, src, count)  # fmt: skip
+        q = 0
+        for r in range(rows):
+            for wl in range(wb):
+                at = (item + r) * s_row + wl * s_wl
+                i = 0
+                j = 0
+                for k in range(taps):
+                    base = at + i * s_i + j * s_j
+                    s = k * count + q
+                    for g in range(groups):
+                        top = first_row + int(frac[s + 3 * stride])
+                        if frac[s + 3 * stride] >= 0.0 and top + 1 >= lo and top < hi:
+                            corner = image + index[s]
+                            w00, w01 = frac[s + 4 * stride], frac[s + 5 * stride]
+                            w10, w11 = frac[s + 6 * stride], frac[s + 7 * stride]
+                            for r_ in range(runs[g], runs[g + 1]):
+                                a = corner + runs[_RUNS + 3 * r_]
+                                src = base + dest[r_]
+                                n_c = runs[_RUNS + 3 * r_ + 1]
+                                if top >= lo:
+                                    _axpy2(grad_pad, a, channels, w00, w01, grad_cols, src, n_c)
+                                if top + 1 < hi:
+                                    _axpy2(grad_pad, a + row, channels, w10, w11, grad_cols, src, n_c)
+                        s += taps * count
+                    j += 1
+                    if j == kw:
+                        i += 1
+                        j = 0
+                q += 1
 
 
 def _tiles(batch, out_h, out_w, bytes_per_position, budget):
@@ -704,7 +831,7 @@ class _Problem:
         """Samples of one tile into a reused buffer of ``shape``, laid out as ``layout``."""
         numel = math.prod(shape)
         out = _scratch("samples", numel, self.dtype)
-        run_chunked(_sample, num_chunks(tile[3] * tile[4], numel), *self.sources, self.geo, self.runs,
+        run_chunked(_sample, num_chunks(_block_count(tile), numel), *self.sources, self.geo, self.runs,
                     np.array(tile, dtype=np.int64), layout, out.numpy())  # fmt: skip
         return out.view(shape)
 
@@ -863,18 +990,15 @@ def backward(grad_out, input, offset, weight, stride, padding, dilation, mask, n
                     torch.mm(g[:, gw * cog : (gw + 1) * cog], w_mat[gw], out=gc[:, gw])
             cols = _scratch("samples", math.prod(shape), p.dtype).view(shape) if need_weight else gc
             tile_np, layout, gc_np = np.array(tile, dtype=np.int64), p.column_layout(tile), gc.numpy().reshape(-1)
-            tap_count = positions * p.taps * p.offset_groups
-            tap_index = _scratch("tap_index", tap_count, torch.int64).numpy()
-            tap_row = _scratch("tap_row", tap_count, torch.int64).numpy()
-            tap_weight = _scratch("tap_weight", 4 * tap_count, p.dtype).numpy()
             item_rows = np.empty(2 * nb * rb, dtype=np.int64)
-            run_chunked(_backward_taps, num_chunks(nb * rb, gc.numel()), *p.sources, p.geo, p.runs, tile_np,
-                        layout, gc_np, need_weight, cols.numpy().reshape(-1),
+            blocks = _block_count(tile)
+            run_chunked(_backward_taps, num_chunks(blocks, gc.numel()), *p.sources, p.geo, p.runs,
+                        tile_np, layout, gc_np, need_weight, cols.numpy().reshape(-1),
                         grad_offset.numpy().reshape(-1), grad_mask.numpy().reshape(-1),
-                        tap_index, tap_row, tap_weight, item_rows)  # fmt: skip
+                        item_rows)  # fmt: skip
             if need_input:
-                run_chunked(_backward_input, num_chunks(nb * (p.geo[_H] + 3), gc.numel()), p.geo, p.runs,
-                            tile_np, layout, gc_np, tap_index, tap_row, tap_weight, item_rows,
+                run_chunked(_backward_input, num_chunks(nb * (p.geo[_H] + 3), gc.numel()),
+                            *p.sources[1:], p.geo, p.runs, tile_np, layout, gc_np, item_rows,
                             grad_pad.numpy().reshape(-1))  # fmt: skip
         elif need_weight:
             cols = p.columns(tile)
