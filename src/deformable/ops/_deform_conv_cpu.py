@@ -169,16 +169,18 @@ _BLOCK = 256
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _block_rows(rb, wb):
-    """Tile rows per block: whole rows of one image, about ``_BLOCK`` positions, and at least
-    eight blocks an image where it has the rows (a batch-1 map still splits between threads)."""
-    return max(1, min(_BLOCK // wb, (rb + 7) // 8))
+def _block_rows(nb, rb, wb):
+    """Tile rows per block: whole rows of one image, about ``_BLOCK`` positions (the coordinate
+    loops run in vectors of 32 and leave the rest to a slow scalar remainder: short blocks cost),
+    and at least eight blocks a tile where the rows allow it (a batch-1 map still splits between
+    threads). It depends on the tile only, never on the threads."""
+    return max(1, min(_BLOCK // wb, (nb * rb + 7) // 8))
 
 
 def _block_count(tile) -> int:
     """Blocks of a tile (as ``_block``): the unit of work the kernels split between threads."""
     nb, rb, wb = tile[3:]
-    return nb * -(-rb // _block_rows(rb, wb))
+    return nb * -(-rb // _block_rows(nb, rb, wb))
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -188,7 +190,7 @@ def _block(tile, b):
     always located by the same code (the vector loop or its remainder), so results do not depend
     on the number of threads."""
     rb, wb = tile[4], tile[5]
-    block_rows = _block_rows(rb, wb)
+    block_rows = _block_rows(tile[3], rb, wb)
     per_image = (rb + block_rows - 1) // block_rows
     nl = b // per_image
     first_row = (b - nl * per_image) * block_rows
@@ -228,7 +230,6 @@ def _taps(off, msk, has_mask, o_y, o_x, o_m, base_y, base_x, dy, dx, geo, count,
     fh = np.float64(height)
     fw = np.float64(width)
     cast = weight.dtype.type
-    zero = cast(0.0)
     o_y, o_x, o_m = np.uint64(o_y), np.uint64(o_x), np.uint64(o_m)
     s, stride = np.uint64(s), np.uint64(stride)
     for q in range(np.uint64(count)):
@@ -238,14 +239,17 @@ def _taps(off, msk, has_mask, o_y, o_x, o_m, base_y, base_x, dy, dx, geo, count,
         inside = (yy > -1.0) & (yy < fh) & (xx > -1.0) & (xx < fw)
         yf = math.floor(yy)
         xf = math.floor(xx)
-        ly = yy - yf
-        lx = xx - xf
         corner = (yf + 1.0) * rowf + (xf + 1.0) * colf
         index[s + q] = int(corner if inside else outside)
-        weight[s + q] = cast((1.0 - ly) * (1.0 - lx) * m) if inside else zero
-        weight[s + q + stride] = cast((1.0 - ly) * lx * m) if inside else zero
-        weight[s + q + 2 * stride] = cast(ly * (1.0 - lx) * m) if inside else zero
-        weight[s + q + 3 * stride] = cast(ly * lx * m) if inside else zero
+        # selecting the fractions and the mask (not the four weights) vectorises better; zeros
+        # outside also keep NaN coordinates from reaching the weights
+        ly = yy - yf if inside else 0.0
+        lx = xx - xf if inside else 0.0
+        mm = np.float64(m) if inside else 0.0
+        weight[s + q] = cast((1.0 - ly) * (1.0 - lx) * mm)
+        weight[s + q + stride] = cast((1.0 - ly) * lx * mm)
+        weight[s + q + 2 * stride] = cast(ly * (1.0 - lx) * mm)
+        weight[s + q + 3 * stride] = cast(ly * lx * mm)
 
 
 @njit(nogil=True, cache=True, fastmath=_FASTMATH, inline="always")
@@ -263,7 +267,6 @@ def _taps_backward(off, msk, has_mask, o_y, o_x, o_m, base_y, base_x, dy, dx, ge
     fh = np.float64(height)
     fw = np.float64(width)
     cast = frac.dtype.type
-    zero = cast(0.0)
     o_y, o_x, o_m = np.uint64(o_y), np.uint64(o_x), np.uint64(o_m)
     s, stride = np.uint64(s), np.uint64(stride)
     for q in range(np.uint64(count)):
@@ -273,19 +276,20 @@ def _taps_backward(off, msk, has_mask, o_y, o_x, o_m, base_y, base_x, dy, dx, ge
         inside = (yy >= -1.0) & (yy < fh) & (xx >= -1.0) & (xx < fw)
         yf = math.floor(yy)
         xf = math.floor(xx)
-        ly = yy - yf
-        lx = xx - xf
         corner = (yf + 1.0) * rowf + (xf + 1.0) * colf
         index[s + q] = int(corner if inside else outside)
-        frac[s + q] = cast(ly) if inside else zero
-        frac[s + q + stride] = cast(lx) if inside else zero
-        frac[s + q + 2 * stride] = cast(m) if inside else zero
-        frac[s + q + 3 * stride] = cast(yf + 1.0) if inside else cast(-1.0)
+        ly = yy - yf if inside else 0.0
+        lx = xx - xf if inside else 0.0
+        mm = np.float64(m) if inside else 0.0
+        frac[s + q] = cast(ly)
+        frac[s + q + stride] = cast(lx)
+        frac[s + q + 2 * stride] = cast(mm)
+        frac[s + q + 3 * stride] = cast(yf + 1.0 if inside else -1.0)
         if weights:
-            frac[s + q + 4 * stride] = cast((1.0 - ly) * (1.0 - lx) * m) if inside else zero
-            frac[s + q + 5 * stride] = cast((1.0 - ly) * lx * m) if inside else zero
-            frac[s + q + 6 * stride] = cast(ly * (1.0 - lx) * m) if inside else zero
-            frac[s + q + 7 * stride] = cast(ly * lx * m) if inside else zero
+            frac[s + q + 4 * stride] = cast((1.0 - ly) * (1.0 - lx) * mm)
+            frac[s + q + 5 * stride] = cast((1.0 - ly) * lx * mm)
+            frac[s + q + 6 * stride] = cast(ly * (1.0 - lx) * mm)
+            frac[s + q + 7 * stride] = cast(ly * lx * mm)
 
 
 @njit(nogil=True, cache=True, fastmath=_FASTMATH, inline="always")
@@ -415,7 +419,7 @@ def _sample(pad, off, msk, has_mask, geo, runs, tile, lay, out, chunk, chunks):
     # every offset group one run of channels, written contiguously: the common case
     simple = lay[5] == 1 and runs.size - _RUNS == 3 * groups
     image_size = (geo[_H] + 3) * (geo[_W] + 2) * channels
-    block_rows = _block_rows(rb, wb)
+    block_rows = _block_rows(tile[3], rb, wb)
     stride = groups * taps * block_rows * wb  # one plane of the weights below
     index = np.empty(stride, dtype=np.int64)
     weight = np.empty(4 * stride, dtype=out.dtype)
@@ -599,7 +603,7 @@ def _backward_taps(pad, off, msk, has_mask, geo, runs, tile, lay, grad_cols, wri
     simple = runs.size - _RUNS == 3 * groups  # every offset group one run of channels
     image_rows = geo[_H] + 3
     image_size = image_rows * (geo[_W] + 2) * geo[_C]
-    block_rows = _block_rows(rb, wb)
+    block_rows = _block_rows(tile[3], rb, wb)
     stride = groups * taps * block_rows * wb
     index = np.empty(stride, dtype=np.int64)
     frac = np.empty(4 * stride, dtype=grad_cols.dtype)
@@ -665,7 +669,7 @@ def _backward_input(off, msk, has_mask, geo, runs, tile, lay, grad_cols, item_ro
     hi = rows_all * (chunk + 1) // chunks
     if hi <= lo:
         return
-    block_rows = _block_rows(rb, wb)
+    block_rows = _block_rows(tile[3], rb, wb)
     stride = groups * taps * block_rows * wb
     index = np.empty(stride, dtype=np.int64)
     frac = np.empty(8 * stride, dtype=grad_cols.dtype)
