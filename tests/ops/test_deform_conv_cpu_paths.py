@@ -46,6 +46,12 @@ CONFIGS = {
                        width=10, weight_groups=1, offset_groups=1),  # fmt: skip
     "wide_channels": dict(channels=40, out_channels=24, weight_groups=1, offset_groups=1,
                           kernel=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1)),  # fmt: skip
+    # channel loops specialised for 16, 32 and 64 channels per offset group (one run each)
+    "width_16": dict(channels=16, out_channels=8, weight_groups=1, offset_groups=1),
+    "width_32_two_groups": dict(channels=64, out_channels=8, weight_groups=2, offset_groups=2,
+                                height=7, width=6),  # fmt: skip
+    "width_64": dict(channels=64, out_channels=8, weight_groups=1, offset_groups=1, height=7,
+                     width=6),  # fmt: skip
     "batch_odd": dict(batch=5, weight_groups=1, offset_groups=1),
     "far_outside": dict(offset_scale=50.0),
     "v1_no_bias": dict(modulated=False, bias=False),
@@ -85,6 +91,20 @@ def test_matches_reference(path, config, dtype):
 def test_gradcheck(path, modulated):
     args = make(batch=2, channels=4, height=6, width=5, out_channels=2, weight_groups=2,
                 offset_groups=2, modulated=modulated, offset_scale=1.5)  # fmt: skip
+    names = [k for k in TENSORS if args[k] is not None]
+
+    def fn(*tensors):
+        return deform_conv2d(**{**args, **dict(zip(names, tensors))})
+
+    inputs = tuple(args[k].requires_grad_() for k in names)
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6, nondet_tol=0.0)
+
+
+def test_gradcheck_specialised_width(path):
+    """16 channels per group: the smallest of the channel loops unrolled as whole vectors."""
+    args = make(batch=1, channels=16, height=4, width=4, out_channels=2, weight_groups=1,
+                offset_groups=1, kernel=(2, 2), stride=(1, 1), padding=(1, 0), dilation=(1, 1),
+                offset_scale=1.5)  # fmt: skip
     names = [k for k in TENSORS if args[k] is not None]
 
     def fn(*tensors):
