@@ -157,13 +157,6 @@ def _axpy2(dst, d, step, w0, w1, src, s, count):
         dst[d1 + c] += w1 * v
 
 
-@njit(nogil=True, cache=True, fastmath=_FASTMATH, inline="always")
-def _fill(dst, d, count):
-    du = np.uint64(d)
-    for c in range(np.uint64(count)):
-        dst[du + c] = 0.0
-
-
 # The sampling and scatter loops are called through these dispatchers: the common widths as
 # constants, which LLVM turns into whole vectors with no loop and no scalar tail (a generic loop
 # of 32 channels ran in its 8-wide remainder; 13 % of the forward's sampling time on 32
