@@ -54,3 +54,30 @@ def test_an_error_is_raised_after_the_other_chunks(two_threads):
     with pytest.raises(ValueError, match="chunk 0"):
         _parallel.run_chunked(kernel, 4)
     assert sorted(finished) == [1, 2, 3]
+
+
+def test_kernels_on_torch_openmp_threads_match_the_pool(two_threads, monkeypatch):
+    """The conv kernels run on torch's OpenMP threads where torch runs on OpenMP; on the pool
+    (the fallback elsewhere) they give bit-identical results."""
+    from deformable.ops import deform_conv2d
+
+    if not _parallel.openmp_available():
+        pytest.skip("torch does not run on an OpenMP runtime here")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 32, 20, 20, generator=g)
+    offset = torch.randn(4, 18, 20, 20, generator=g) * 2
+    weight = torch.randn(16, 32, 3, 3, generator=g)
+    mask = torch.rand(4, 9, 20, 20, generator=g)
+
+    def run():
+        leaves = [t.clone().requires_grad_() for t in (x, offset, weight, mask)]
+        out = deform_conv2d(leaves[0], leaves[1], leaves[2], padding=1, mask=leaves[3])
+        out.backward(torch.ones_like(out))
+        return [out.detach()] + [t.grad for t in leaves]
+
+    on_openmp = run()
+    monkeypatch.setattr(_parallel, "_openmp_parallel", False)
+    assert not _parallel.openmp_available()
+    on_pool = run()
+    for a, b in zip(on_openmp, on_pool):
+        assert torch.equal(a, b)

@@ -36,11 +36,15 @@ import functools
 import math
 import threading
 
+import llvmlite.ir as llvm_ir
 import numpy as np
 import torch
 import torch.nn.functional as F
-from numba import njit
+from numba import carray, cfunc, njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
+from deformable.ops import _parallel
 from deformable.ops._parallel import num_chunks, run_chunked
 
 #: Upper bound of one tile of samples, in bytes. The backward holds two (cols and dL/dcols).
@@ -726,6 +730,153 @@ def _backward_input(off, msk, has_mask, geo, runs, tile, lay, grad_cols, item_ro
                 q += 1
 
 
+# ---------------------------------------------------------------------------------------------
+# The kernels as tasks for torch's OpenMP threads (``_parallel.run_openmp``). A task receives an
+# int64 descriptor: [counter address, chunks, float64?, then (address, length) of every array
+# argument, then the scalar ones]; its threads claim chunks from the counter until none is left.
+
+
+@intrinsic
+def _address(typingctx, address):
+    """The int64 ``address`` as a void pointer (memory handed over by the descriptor)."""
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], cgutils.voidptr_t)
+
+    return types.voidptr(types.int64), codegen
+
+
+@intrinsic
+def _claim(typingctx, address):
+    """Atomically add one to the int64 at ``address``; the value it had."""
+
+    def codegen(context, builder, signature, args):
+        counter = builder.inttoptr(args[0], llvm_ir.IntType(64).as_pointer())
+        return builder.atomic_rmw("add", counter, llvm_ir.Constant(llvm_ir.IntType(64), 1),
+                                  "monotonic")  # fmt: skip
+
+    return types.int64(types.int64), codegen
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _ints(d, k):
+    return carray(_address(d[k]), d[k + 1], dtype=np.int64)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _floats32(d, k):
+    return carray(_address(d[k]), d[k + 1], dtype=np.float32)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _floats64(d, k):
+    return carray(_address(d[k]), d[k + 1], dtype=np.float64)
+
+
+@njit(nogil=True, cache=True)
+def _pad_rows_chunks(d, inp, pad):
+    chunk = _claim(d[0])
+    while chunk < d[1]:
+        _pad_rows(inp, d[9] != 0, pad, _ints(d, 7), chunk, d[1])
+        chunk = _claim(d[0])
+
+
+def _pad_rows_task(data):
+    d = carray(data, 16, dtype=np.int64)
+    if d[2]:
+        _pad_rows_chunks(d, _floats64(d, 3), _floats64(d, 5))
+    else:
+        _pad_rows_chunks(d, _floats32(d, 3), _floats32(d, 5))
+
+
+@njit(nogil=True, cache=True)
+def _sample_chunks(d, pad, off, msk, out):
+    geo, runs, tile, lay = _ints(d, 9), _ints(d, 11), _ints(d, 13), _ints(d, 15)
+    chunk = _claim(d[0])
+    while chunk < d[1]:
+        _sample(pad, off, msk, d[19] != 0, geo, runs, tile, lay, out, chunk, d[1])
+        chunk = _claim(d[0])
+
+
+def _sample_task(data):
+    d = carray(data, 32, dtype=np.int64)
+    if d[2]:
+        _sample_chunks(d, _floats64(d, 3), _floats64(d, 5), _floats64(d, 7), _floats64(d, 17))
+    else:
+        _sample_chunks(d, _floats32(d, 3), _floats32(d, 5), _floats32(d, 7), _floats32(d, 17))
+
+
+@njit(nogil=True, cache=True)
+def _backward_taps_chunks(d, pad, off, msk, grad_cols, cols, grad_off, grad_msk):
+    geo, runs, tile, lay = _ints(d, 9), _ints(d, 11), _ints(d, 13), _ints(d, 15)
+    item_rows = _ints(d, 25)
+    chunk = _claim(d[0])
+    while chunk < d[1]:
+        _backward_taps(pad, off, msk, d[27] != 0, geo, runs, tile, lay, grad_cols, d[28] != 0,
+                       cols, grad_off, grad_msk, item_rows, chunk, d[1])  # fmt: skip
+        chunk = _claim(d[0])
+
+
+def _backward_taps_task(data):
+    d = carray(data, 40, dtype=np.int64)
+    if d[2]:
+        _backward_taps_chunks(d, _floats64(d, 3), _floats64(d, 5), _floats64(d, 7),
+                              _floats64(d, 17), _floats64(d, 19), _floats64(d, 21),
+                              _floats64(d, 23))  # fmt: skip
+    else:
+        _backward_taps_chunks(d, _floats32(d, 3), _floats32(d, 5), _floats32(d, 7),
+                              _floats32(d, 17), _floats32(d, 19), _floats32(d, 21),
+                              _floats32(d, 23))  # fmt: skip
+
+
+@njit(nogil=True, cache=True)
+def _backward_input_chunks(d, off, msk, grad_cols, grad_pad):
+    geo, runs, tile, lay = _ints(d, 7), _ints(d, 9), _ints(d, 11), _ints(d, 13)
+    item_rows = _ints(d, 17)
+    chunk = _claim(d[0])
+    while chunk < d[1]:
+        _backward_input(off, msk, d[21] != 0, geo, runs, tile, lay, grad_cols, item_rows, grad_pad,
+                        chunk, d[1])  # fmt: skip
+        chunk = _claim(d[0])
+
+
+def _backward_input_task(data):
+    d = carray(data, 32, dtype=np.int64)
+    if d[2]:
+        _backward_input_chunks(d, _floats64(d, 3), _floats64(d, 5), _floats64(d, 15),
+                               _floats64(d, 19))  # fmt: skip
+    else:
+        _backward_input_chunks(d, _floats32(d, 3), _floats32(d, 5), _floats32(d, 15),
+                               _floats32(d, 19))  # fmt: skip
+
+
+#: kernel name -> its task, compiled (and cached on disk) the first time it runs on OpenMP
+_compiled_tasks: dict = {}
+
+
+def _run(kernel, chunks: int, *args) -> None:
+    """``run_chunked(kernel, chunks, *args)``, on torch's OpenMP threads where it runs on them
+    (``_parallel.run_openmp``): the arrays are handed over by address, numbers as they are."""
+    threads = min(_parallel.num_threads(), chunks)
+    if threads <= 1 or not _parallel.openmp_available():
+        run_chunked(kernel, chunks, *args)
+        return
+    task = _compiled_tasks.get(kernel.__name__)
+    if task is None:
+        function = globals()[kernel.__name__ + "_task"]
+        task = _compiled_tasks[kernel.__name__] = cfunc(types.void(types.voidptr), cache=True)(function)
+    counter = np.zeros(1, dtype=np.int64)
+    descriptor = [counter.ctypes.data, chunks, 0]
+    for arg in args:
+        if isinstance(arg, np.ndarray):
+            if arg.dtype == np.float64:
+                descriptor[2] = 1
+            descriptor += [arg.ctypes.data, arg.size]
+    descriptor += [int(arg) for arg in args if not isinstance(arg, np.ndarray)]
+    descriptor = np.array(descriptor + [0] * (40 - len(descriptor)), dtype=np.int64)
+    _parallel.run_openmp(task.address, descriptor, threads)
+
+
 def _tiles(batch, out_h, out_w, bytes_per_position, budget):
     """Split (batch, rows, columns) of the output into tiles of at most ``budget`` bytes.
 
@@ -807,7 +958,7 @@ def _padded(input: torch.Tensor, geo) -> torch.Tensor:
     else:
         flat = input.contiguous().numpy().reshape(-1)
     pad = torch.empty((batch, height + 3, width + 2, channels), dtype=input.dtype)
-    run_chunked(_pad_rows, num_chunks(batch * (height + 3), pad.numel(), per_thread=1), flat,
+    _run(_pad_rows, num_chunks(batch * (height + 3), pad.numel(), per_thread=1), flat,
                 channels_last, pad.numpy().reshape(-1), geo)  # fmt: skip
     return pad
 
@@ -847,7 +998,7 @@ class _Problem:
         """Samples of one tile into a reused buffer of ``shape``, laid out as ``layout``."""
         numel = math.prod(shape)
         out = _scratch("samples", numel, self.dtype)
-        run_chunked(_sample, num_chunks(_block_count(tile), numel), *self.sources, self.geo, self.runs,
+        _run(_sample, num_chunks(_block_count(tile), numel), *self.sources, self.geo, self.runs,
                     np.array(tile, dtype=np.int64), layout, out.numpy())  # fmt: skip
         return out.view(shape)
 
@@ -1014,12 +1165,12 @@ def backward(grad_out, input, offset, weight, stride, padding, dilation, mask, n
             tile_np, layout, gc_np = np.array(tile, dtype=np.int64), p.column_layout(tile), gc.numpy().reshape(-1)
             item_rows = np.empty(2 * nb * rb, dtype=np.int64)
             blocks = _block_count(tile)
-            run_chunked(_backward_taps, num_chunks(blocks, gc.numel()), *p.sources, p.geo, p.runs,
+            _run(_backward_taps, num_chunks(blocks, gc.numel()), *p.sources, p.geo, p.runs,
                         tile_np, layout, gc_np, need_weight, cols.numpy().reshape(-1),
                         grad_offset.numpy().reshape(-1), grad_mask.numpy().reshape(-1),
                         item_rows)  # fmt: skip
             if need_input:
-                run_chunked(_backward_input, num_chunks(nb * (p.geo[_H] + 3), gc.numel()),
+                _run(_backward_input, num_chunks(nb * (p.geo[_H] + 3), gc.numel()),
                             *p.sources[1:], p.geo, p.runs, tile_np, layout, gc_np, item_rows,
                             grad_pad.numpy().reshape(-1))  # fmt: skip
         elif need_weight:
