@@ -26,6 +26,10 @@ own rows. No atomics, no races, no per-thread copies of the input gradient, and 
 receives its contributions in one fixed order: bit-identical results whatever the number of
 threads (the GEMMs are run where they are exact across thread counts, see ``_matmul``).
 
+Threads: where torch runs on OpenMP, the kernels run on torch's own OpenMP threads (``_run``:
+numba ``cfunc`` tasks handed to the runtime's ``GOMP_parallel``), else on a small thread pool
+(``_parallel.run_chunked``); either way over a partition fixed by the tile, never by the threads.
+
 Tiles are bounded in bytes (``TILE_BYTES``) whatever the image and batch size. A channels-last
 input gives a channels-last output and input gradient, as ``F.conv2d`` does.
 """
