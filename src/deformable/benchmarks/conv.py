@@ -67,10 +67,12 @@ DESIGN_SHAPES = [Shape(2, 64, 64, 56, 56), Shape(2, 128, 128, 28, 28), Shape(2, 
 REGIME_SHAPES = [Shape(64, 32, 32, 20, 20), Shape(64, 32, 64, 10, 10, modulated=True),
                  Shape(64, 64, 64, 10, 10, modulated=True), Shape(2, 64, 64, 32, 32, kernel=5),
                  Shape(2, 128, 128, 28, 28, dilation=2, offset_groups=4),
-                 Shape(1, 128, 128, 28, 28), Shape(1, 256, 256, 14, 14), Shape(1, 512, 512, 7, 7)]  # fmt: skip
+                 Shape(1, 128, 128, 28, 28), Shape(1, 256, 256, 14, 14),
+                 Shape(1, 512, 512, 7, 7)]  # fmt: skip
 SHAPE_SETS = {"all": DESIGN_SHAPES + REGIME_SHAPES, "design": DESIGN_SHAPES,
               "regimes": REGIME_SHAPES,
-              "quick": [Shape(1, 8, 8, 12, 12), Shape(2, 16, 8, 9, 7, kernel=5, modulated=True)]}  # fmt: skip
+              "quick": [Shape(1, 8, 8, 12, 12),
+                        Shape(2, 16, 8, 9, 7, kernel=5, modulated=True)]}  # fmt: skip
 #: Kept for callers of the five-tuple lists.
 SHAPES = DESIGN_SHAPES
 QUICK_SHAPES = SHAPE_SETS["quick"]

@@ -58,6 +58,9 @@ TILE_BYTES = 32 * 2**20
 #: They grow to 8x the weight's bytes, so the GEMM's weight reorder is paid on enough work
 #: (4 MiB tiles of a 256-channel layer were 10 % slower).
 FORWARD_TILE_BYTES = 4 * 2**20
+#: The backward's tiles (within ``TILE_BYTES``): oneDNN's matmul returns dL/dcols in a fresh
+#: tile-sized buffer, which the peak memory of a call includes; 8 MiB tiles were as fast as 32.
+BACKWARD_TILE_BYTES = 8 * 2**20
 
 # Reassociation lets LLVM vectorise the channel reductions; no 'nnan'/'ninf', so the
 # out-of-image tests below still see NaN coordinates as outside.
@@ -693,7 +696,8 @@ def _backward_input(off, msk, has_mask, geo, runs, tile, lay, grad_cols, item_ro
         first_row = (item // rb) * image_rows  # this image's row 0 in the numbering above
         touches = False
         for r in range(rows):
-            if first_row + item_rows[2 * (item + r) + 1] + 1 >= lo and first_row + item_rows[2 * (item + r)] < hi:
+            low, high = item_rows[2 * (item + r)], item_rows[2 * (item + r) + 1]
+            if first_row + high + 1 >= lo and first_row + low < hi:
                 touches = True
         if not touches:
             continue
@@ -1039,7 +1043,8 @@ class _Problem:
     def weight_matrix(self, weight):
         """The weight as [wg, Cout/wg, kh*kw*cw], matching the column layout."""
         wg = self.weight_groups
-        return weight.detach().permute(0, 2, 3, 1).reshape(wg, self.out_channels // wg, self.taps * self.cw)
+        shape = (wg, self.out_channels // wg, self.taps * self.cw)
+        return weight.detach().permute(0, 2, 3, 1).reshape(shape)
 
 
 def _forward_gemm(p: _Problem) -> bool:
@@ -1138,7 +1143,7 @@ def backward(grad_out, input, offset, weight, stride, padding, dilation, mask, n
     """Gradients (input, offset, weight, mask) for the flags in ``need``; None where not needed."""
     need_input, need_offset, need_weight, need_mask = need
     need_taps = need_input or need_offset or need_mask
-    p = _Problem(input, offset, weight, stride, padding, dilation, mask)
+    p = _Problem(input, offset, weight, stride, padding, dilation, mask, BACKWARD_TILE_BYTES)
     wg, cog = p.weight_groups, p.out_channels // p.weight_groups
     w_mat = p.weight_matrix(weight)
     grad_w_mat = torch.zeros_like(w_mat) if need_weight else None
@@ -1166,7 +1171,8 @@ def backward(grad_out, input, offset, weight, stride, padding, dilation, mask, n
                 for gw in range(wg):
                     torch.mm(g[:, gw * cog : (gw + 1) * cog], w_mat[gw], out=gc[:, gw])
             cols = _scratch("samples", math.prod(shape), p.dtype).view(shape) if need_weight else gc
-            tile_np, layout, gc_np = np.array(tile, dtype=np.int64), p.column_layout(tile), gc.numpy().reshape(-1)
+            tile_np, layout = np.array(tile, dtype=np.int64), p.column_layout(tile)
+            gc_np = gc.numpy().reshape(-1)
             item_rows = np.empty(2 * nb * rb, dtype=np.int64)
             blocks = _block_count(tile)
             _run(_backward_taps, num_chunks(blocks, gc.numel()), *p.sources, p.geo, p.runs,

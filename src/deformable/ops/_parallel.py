@@ -127,7 +127,8 @@ def _torch_openmp():
     with _openmp_lock:
         if _openmp_parallel is None:
             _openmp_parallel = False
-            if os.environ.get("DEFORMABLE_OPENMP", "1") != "0" and "OpenMP" in torch.__config__.parallel_info():
+            wanted = os.environ.get("DEFORMABLE_OPENMP", "1") != "0"
+            if wanted and "OpenMP" in torch.__config__.parallel_info():
                 lib_dir = os.path.realpath(os.path.join(os.path.dirname(torch.__file__), "lib"))
                 try:
                     with open("/proc/self/maps") as maps:
@@ -142,7 +143,8 @@ def _torch_openmp():
                             function = ctypes.CDLL(path).GOMP_parallel
                         except (OSError, AttributeError):
                             continue
-                        function.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
+                        function.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint,
+                                             ctypes.c_uint]  # fmt: skip
                         function.restype = None
                         _openmp_parallel = function
                         break
