@@ -39,3 +39,21 @@ def test_onnxruntime_deform_conv_agrees_with_ours():
 def test_repeats_must_be_positive():
     with pytest.raises(SystemExit):
         bench.main(["--repeats", "0"])
+
+
+@pytest.mark.parametrize("shape", [conv.Shape(2, 8, 6, 9, 11, kernel=5, modulated=True),
+                                   conv.Shape(1, 8, 4, 10, 9, dilation=2, offset_groups=4)],
+                         ids=lambda s: s.label)  # fmt: skip
+def test_onnxruntime_anchor_of_every_kind_of_shape(shape):
+    """The regimes' cases (5x5, mask, dilation, offset groups) run the same op in onnxruntime."""
+    case = conv._Case(shape, torchvision_too=False)
+    (ort_out,) = case.onnxruntime()()
+    assert_close(torch.from_numpy(ort_out), case.forward("ours"))
+    assert case.forward("conv2d").shape == ort_out.shape
+
+
+def test_shape_sets():
+    assert conv.SHAPE_SETS["all"] == conv.SHAPE_SETS["design"] + conv.SHAPE_SETS["regimes"]
+    assert conv.Shape(1, 512, 512, 7, 7) in conv.SHAPE_SETS["regimes"]
+    assert conv.Shape(2, 128, 128, 28, 28, dilation=2, offset_groups=4).padding == 2
+    assert conv.Shape(2, 64, 64, 32, 32, kernel=5).label == "2, 64, 64, 32, 32, 5x5"

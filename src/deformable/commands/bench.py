@@ -20,8 +20,10 @@ def _bench(argv: list[str]) -> int:
                         help="cpu: the CPU suite (default); cuda: the GPU suite (Triton, cuDNN, "
                              "torchvision's CUDA kernel; float32 and bfloat16; training steps)")  # fmt: skip
     parser.add_argument("--repeats", type=int, default=7, help="timed runs per measurement (median)")
-    parser.add_argument("--shapes", choices=["all", "quick"], default="all",
-                        help="DESIGN.md's five shapes, or two tiny ones for a smoke run")
+    parser.add_argument("--shapes", choices=list(conv.SHAPE_SETS), default="all",
+                        help="DESIGN.md's five shapes (design), the hard regimes: few channels, "
+                             "5x5, offset groups with dilation, batch-1 ResNet-50 maps (regimes), "
+                             "both (all), or two tiny ones for a smoke run (quick)")
     parser.add_argument("--no-torchvision", action="store_true",
                         help="skip torchvision (its backward is slow on large shapes)")
     parser.add_argument("--json", metavar="PATH", help="also write the measurements as JSON")
@@ -35,7 +37,7 @@ def _bench(argv: list[str]) -> int:
         print(gpu.markdown(result))
         write_json(args.json, result)
         return 0
-    shapes = conv.SHAPES if args.shapes == "all" else conv.QUICK_SHAPES
+    shapes = conv.SHAPE_SETS[args.shapes]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of "
           f"{args.repeats}; ratios against F.conv2d in this run", file=sys.stderr)
     rows = conv.run(shapes, args.repeats, not args.no_torchvision)

@@ -1,38 +1,66 @@
 """Fast CPU kernels of deform_conv2d: channels-last bilinear sampling (numba) + oneDNN / BLAS GEMMs.
 
-Forward: the deformed samples of a tile of output positions are written as an "expanded image"
-``E[n, ho * kh + i, wo * kw + j, c]`` (channels last), and ``F.conv2d(E, weight, stride=kernel)``
-is exactly the GEMM of the deformable convolution, at the speed of a regular convolution.
+The input is copied once, channels last, into a zero-bordered buffer (``_padded``): every
+bilinear corner of a sample inside the band ``(-1, H) x (-1, W)`` is a valid address there, and
+samples outside it point at a block of zeros, so the channel loops carry no bounds checks and no
+branches. Sampling coordinates and the four bilinear weights depend on (n, group, tap, position)
+only: they are computed once there, by loops across output positions (which vectorise whatever
+the number of channels), and reused for every channel of the group.
 
-Backward: per tile, the samples are written again as a column matrix ``cols[P, wg, kh*kw*cw]``
-(P output positions, wg weight groups of cw channels) and two GEMMs give ``dL/dcols`` and
-``dL/dW`` (oneDNN's backward of the expanded-image convolution is far slower than these on large
-maps). Two passes then turn ``dL/dcols`` into the gradients of offset / mask and of the input:
-the first splits output positions between threads (each writes the offset / mask gradients of
-its own positions, and records every tap's corner and bilinear weights); the second splits the
-input's rows between threads, each walking all taps in order and adding only into its own rows.
-No atomics, no races, no per-thread copies of the input gradient, and every element receives its
-contributions in one fixed order: bit-identical results whatever the number of threads.
+Forward, per tile of output positions, one of two GEMMs (``_forward_gemm``):
 
-Tiles are bounded in bytes (``TILE_BYTES``) whatever the image and batch size. Sampling
-coordinates and the four bilinear weights depend on (n, group, tap, position) only: they are
-computed once there and reused for every channel of the group.
+- the samples as an "expanded image" ``E[n, ho * kh + i, wo * kw + j, c]`` (channels last) and
+  ``F.conv2d(E, weight, stride=kernel)``, exactly the GEMM of the deformable convolution, run by
+  oneDNN's convolution;
+- the samples as a column matrix per weight group and oneDNN's matmul (``_matmul``), the better
+  choice on small maps. Its columns follow the weight's own (channel, tap) order when the weight
+  outweighs them (``_channel_major``: batch-1 inference of wide layers), so the weight is used as
+  it is rather than reordered on every call.
+
+Backward: per tile, one GEMM gives ``dL/dcols`` from the output gradient. Two passes turn it into
+the gradients of offset / mask and of the input: the first splits output positions between
+threads (each writes the offset / mask gradients of its own positions, the samples the weight
+gradient's GEMM needs, and every tap's corner and bilinear weights); the second splits the
+padded input's rows between threads, each walking all taps in order and adding only into its
+own rows. No atomics, no races, no per-thread copies of the input gradient, and every element
+receives its contributions in one fixed order: bit-identical results whatever the number of
+threads (the GEMMs are run where they are exact across thread counts, see ``_matmul``).
+
+Threads: where torch runs on OpenMP, the kernels run on torch's own OpenMP threads (``_run``:
+numba ``cfunc`` tasks handed to the runtime's ``GOMP_parallel``), else on a small thread pool
+(``_parallel.run_chunked``); either way over a partition fixed by the tile, never by the threads.
+
+Tiles are bounded in bytes (``TILE_BYTES``) whatever the image and batch size. A channels-last
+input gives a channels-last output and input gradient, as ``F.conv2d`` does.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 
+import llvmlite.ir as llvm_ir
 import numpy as np
 import torch
 import torch.nn.functional as F
-from numba import njit
+from numba import carray, cfunc, njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
+from deformable.ops import _parallel
 from deformable.ops._parallel import num_chunks, run_chunked
 
 #: Upper bound of one tile of samples, in bytes. The backward holds two (cols and dL/dcols).
 TILE_BYTES = 32 * 2**20
+#: The forward's tiles stay near this size (within ``TILE_BYTES``), so the samples are still in
+#: cache when the GEMM reads them: measured 20 % faster with few channels and a large batch.
+#: They grow to 8x the weight's bytes, so the GEMM's weight reorder is paid on enough work
+#: (4 MiB tiles of a 256-channel layer were 10 % slower).
+FORWARD_TILE_BYTES = 4 * 2**20
+#: The backward's tiles (within ``TILE_BYTES``): oneDNN's matmul returns dL/dcols in a fresh
+#: tile-sized buffer, which the peak memory of a call includes; 8 MiB tiles were as fast as 32.
+BACKWARD_TILE_BYTES = 8 * 2**20
 
 # Reassociation lets LLVM vectorise the channel reductions; no 'nnan'/'ninf', so the
 # out-of-image tests below still see NaN coordinates as outside.
@@ -64,6 +92,7 @@ _BATCH, _H, _W, _C, _OH, _OW, _G, _KH, _KW, _SH, _SW, _PH, _PW, _DH, _DW, _CW = 
 _RUNS = 64
 
 
+@functools.lru_cache(maxsize=256)
 def _channel_runs(channels: int, offset_groups: int, cw: int) -> np.ndarray:
     if offset_groups + 1 > _RUNS:
         raise ValueError(f"deform_conv2d supports at most {_RUNS - 1} offset groups, got {offset_groups}")
@@ -78,17 +107,19 @@ def _channel_runs(channels: int, offset_groups: int, cw: int) -> np.ndarray:
             c += count
         starts.append(len(triples) // 3)
     starts += [0] * (_RUNS - len(starts))
-    return np.array(starts + triples, dtype=np.int64)
+    runs = np.array(starts + triples, dtype=np.int64)
+    runs.flags.writeable = False  # shared between calls (cached)
+    return runs
 
 
 @njit(nogil=True, cache=True)
-def _run_destinations(runs, s_g, cw):
-    """Offset of each run in a tap's block of samples: gw * s_g + c - gw * cw."""
+def _run_destinations(runs, s_g, cw, s_c):
+    """Offset of each run in a tap's block of samples: gw * s_g + (c - gw * cw) * s_c."""
     count = (runs.size - _RUNS) // 3
     dest = np.empty(count, dtype=np.int64)
     for r in range(count):
         c, gw = runs[_RUNS + 3 * r], runs[_RUNS + 3 * r + 2]
-        dest[r] = gw * s_g + c - gw * cw
+        dest[r] = gw * s_g + (c - gw * cw) * s_c
     return dest
 
 
@@ -112,258 +143,746 @@ def _blend4(out, o, inp, a, row, col, w00, w01, w10, w11, count):
 
 
 @njit(nogil=True, cache=True, fastmath=_FASTMATH, inline="always")
-def _axpy(dst, d, w, src, s, count):
-    """dst[d:d+count] += w * src[s:s+count]."""
-    du = np.uint64(d)
-    su = np.uint64(s)
+def _blend4_strided(out, o, step, inp, a, row, col, w00, w01, w10, w11, count):
+    """As ``_blend4``, writing out[o + c * step] (channel-major columns)."""
+    a00 = np.uint64(a)
+    a01 = np.uint64(a + col)
+    a10 = np.uint64(a + row)
+    a11 = np.uint64(a + row + col)
+    ou = np.uint64(o)
+    su = np.uint64(step)
     for c in range(np.uint64(count)):
-        dst[du + c] += w * src[su + c]
+        out[ou + c * su] = (w00 * inp[a00 + c] + w01 * inp[a01 + c]
+                            + w10 * inp[a10 + c] + w11 * inp[a11 + c])  # fmt: skip
 
 
 @njit(nogil=True, cache=True, fastmath=_FASTMATH, inline="always")
-def _fill(dst, d, count):
-    du = np.uint64(d)
+def _axpy2(dst, d, step, w0, w1, src, s, count):
+    """dst[d:d+count] += w0 * src[s:s+count]; dst[d+step:d+step+count] += w1 * src[s:s+count]."""
+    d0 = np.uint64(d)
+    d1 = np.uint64(d + step)
+    su = np.uint64(s)
     for c in range(np.uint64(count)):
-        dst[du + c] = 0.0
+        v = src[su + c]
+        dst[d0 + c] += w0 * v
+        dst[d1 + c] += w1 * v
+
+
+# The sampling and scatter loops are called through these dispatchers: the common widths as
+# constants, which LLVM turns into whole vectors with no loop and no scalar tail (a generic loop
+# of 32 channels ran in its 8-wide remainder; 13 % of the forward's sampling time on 32
+# channels). The backward's reductions gain nothing from it (measured) and stay generic.
+
+
+@njit(nogil=True, cache=True, fastmath=_FASTMATH, inline="always")
+def _blend_width(out, o, inp, a, row, col, w00, w01, w10, w11, count):
+    if count == 32:
+        _blend4(out, o, inp, a, row, col, w00, w01, w10, w11, 32)
+    elif count == 64:
+        _blend4(out, o, inp, a, row, col, w00, w01, w10, w11, 64)
+    elif count == 16:
+        _blend4(out, o, inp, a, row, col, w00, w01, w10, w11, 16)
+    else:
+        _blend4(out, o, inp, a, row, col, w00, w01, w10, w11, count)
+
+
+@njit(nogil=True, cache=True, fastmath=_FASTMATH, inline="always")
+def _axpy2_width(dst, d, step, w0, w1, src, s, count):
+    if count == 32:
+        _axpy2(dst, d, step, w0, w1, src, s, 32)
+    elif count == 64:
+        _axpy2(dst, d, step, w0, w1, src, s, 64)
+    elif count == 16:
+        _axpy2(dst, d, step, w0, w1, src, s, 16)
+    else:
+        _axpy2(dst, d, step, w0, w1, src, s, count)
+
+
+@njit(nogil=True, cache=True, fastmath=_FASTMATH, inline="always")
+def _reduce4(grad_cols, src, pad, a00, col, row, ly, lx, hy, write_cols, cols, m, count):
+    """Per channel c of one tap: dL/dy, dL/dx (before the mask) and dL/dmask summed over the
+    ``count`` channels, from the four corners at a00 (``pad``) and dL/dsample (``grad_cols``);
+    with ``write_cols`` the samples too."""
+    zero = grad_cols.dtype.type(0.0)
+    acc_y = zero
+    acc_x = zero
+    acc_m = zero
+    src = np.uint64(src)
+    a00 = np.uint64(a00)
+    a01 = a00 + np.uint64(col)
+    a10 = a00 + np.uint64(row)
+    a11 = a10 + np.uint64(col)
+    if write_cols:
+        for c in range(np.uint64(count)):
+            ge = grad_cols[src + c]
+            va = pad[a00 + c]
+            vb = pad[a01 + c]
+            vc = pad[a10 + c]
+            vd = pad[a11 + c]
+            top = va + lx * (vb - va)
+            bottom = vc + lx * (vd - vc)
+            value = top + ly * (bottom - top)
+            cols[src + c] = m * value
+            acc_m += ge * value
+            acc_y += ge * (bottom - top)
+            acc_x += ge * (hy * (vb - va) + ly * (vd - vc))
+    else:
+        for c in range(np.uint64(count)):
+            ge = grad_cols[src + c]
+            va = pad[a00 + c]
+            vb = pad[a01 + c]
+            vc = pad[a10 + c]
+            vd = pad[a11 + c]
+            top = va + lx * (vb - va)
+            bottom = vc + lx * (vd - vc)
+            acc_m += ge * (top + ly * (bottom - top))
+            acc_y += ge * (bottom - top)
+            acc_x += ge * (hy * (vb - va) + ly * (vd - vc))
+    return acc_y, acc_x, acc_m
+
+
+#: Output positions whose taps are located in one go (whole tile rows of one image, or one).
+_BLOCK = 256
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _block_rows(nb, rb, wb):
+    """Tile rows per block: whole rows of one image, about ``_BLOCK`` positions (the coordinate
+    loops run in vectors of 32 and leave the rest to a slow scalar remainder: short blocks cost),
+    and at least eight blocks a tile where the rows allow it (a batch-1 map still splits between
+    threads). It depends on the tile only, never on the threads."""
+    return max(1, min(_BLOCK // wb, (nb * rb + 7) // 8))
+
+
+def _block_count(tile) -> int:
+    """Blocks of a tile (as ``_block``): the unit of work the kernels split between threads."""
+    nb, rb, wb = tile[3:]
+    return nb * -(-rb // _block_rows(nb, rb, wb))
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _block(tile, b):
+    """First tile row ``item`` and row count of block ``b``. Blocks lie on a fixed grid (each
+    image's rows from its first, ``_block_rows`` at a time) whatever the threads: a position is
+    always located by the same code (the vector loop or its remainder), so results do not depend
+    on the number of threads."""
+    rb, wb = tile[4], tile[5]
+    block_rows = _block_rows(tile[3], rb, wb)
+    per_image = (rb + block_rows - 1) // block_rows
+    nl = b // per_image
+    first_row = (b - nl * per_image) * block_rows
+    return nl * rb + first_row, min(block_rows, rb - first_row)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _block_bases(geo, tile, item, rows, base_y, base_x):
+    """Regular-grid coordinates (before the kernel offset) of ``rows`` tile rows from ``item``."""
+    sh, sw, ph, pw = geo[_SH], geo[_SW], geo[_PH], geo[_PW]
+    r0, c0, rb, wb = tile[1], tile[2], tile[4], tile[5]
+    ho = r0 + item % rb
+    q = 0
+    for r in range(rows):
+        for wl in range(wb):
+            base_y[q] = np.float64((ho + r) * sh - ph)
+            base_x[q] = np.float64((c0 + wl) * sw - pw)
+            q += 1
+
+
+@njit(nogil=True, cache=True, fastmath=_FASTMATH, inline="always")
+def _taps(off, msk, has_mask, o_y, o_x, o_m, base_y, base_x, dy, dx, geo, count, index, weight,
+          s, stride):  # fmt: skip
+    """Corners and bilinear weights of one kernel tap at ``count`` consecutive output positions.
+
+    The loop runs across positions (offsets are contiguous there), so it vectorises whatever the
+    number of channels. Position q gets ``index[s + q]``, the flat offset in a padded image
+    (``_padded``) of its top-left corner, and ``weight[s + q + p * stride]`` (p = 0..3), its
+    bilinear weights times the mask. A sample outside ``(-1, H) x (-1, W)`` gets zero weights
+    and the corner of a block of padding, so it reads zeros without a branch. The index is
+    computed in float64 (exact) and converted once: integer multiplies do not vectorise well.
+    """
+    height, width, channels = geo[_H], geo[_W], geo[_C]
+    rowf = np.float64((width + 2) * channels)
+    colf = np.float64(channels)
+    outside = np.float64((height + 1) * (width + 2) * channels)
+    fh = np.float64(height)
+    fw = np.float64(width)
+    cast = weight.dtype.type
+    o_y, o_x, o_m = np.uint64(o_y), np.uint64(o_x), np.uint64(o_m)
+    s, stride = np.uint64(s), np.uint64(stride)
+    for q in range(np.uint64(count)):
+        yy = base_y[q] + dy + off[o_y + q]
+        xx = base_x[q] + dx + off[o_x + q]
+        m = msk[o_m + q] if has_mask else 1.0
+        inside = (yy > -1.0) & (yy < fh) & (xx > -1.0) & (xx < fw)
+        yf = math.floor(yy)
+        xf = math.floor(xx)
+        corner = (yf + 1.0) * rowf + (xf + 1.0) * colf
+        index[s + q] = int(corner if inside else outside)
+        # selecting the fractions and the mask (not the four weights) vectorises better; zeros
+        # outside also keep NaN coordinates from reaching the weights
+        ly = yy - yf if inside else 0.0
+        lx = xx - xf if inside else 0.0
+        mm = np.float64(m) if inside else 0.0
+        weight[s + q] = cast((1.0 - ly) * (1.0 - lx) * mm)
+        weight[s + q + stride] = cast((1.0 - ly) * lx * mm)
+        weight[s + q + 2 * stride] = cast(ly * (1.0 - lx) * mm)
+        weight[s + q + 3 * stride] = cast(ly * lx * mm)
+
+
+@njit(nogil=True, cache=True, fastmath=_FASTMATH, inline="always")
+def _taps_backward(off, msk, has_mask, o_y, o_x, o_m, base_y, base_x, dy, dx, geo, count, index,
+                   frac, s, stride, weights):  # fmt: skip
+    """As ``_taps`` for the backward: the band includes -1 (the one-sided derivative there,
+    torchvision's convention); ``frac[s + q + p * stride]`` holds for p = 0..3 the fractions ly
+    and lx, the mask and the padded row of the top corners (-1 outside the band), and with
+    ``weights`` for p = 4..7 the four bilinear weights times the mask. Outside the band every
+    one of them but the row is zero, and the corner a block of padding."""
+    height, width, channels = geo[_H], geo[_W], geo[_C]
+    rowf = np.float64((width + 2) * channels)
+    colf = np.float64(channels)
+    outside = np.float64((height + 1) * (width + 2) * channels)
+    fh = np.float64(height)
+    fw = np.float64(width)
+    cast = frac.dtype.type
+    o_y, o_x, o_m = np.uint64(o_y), np.uint64(o_x), np.uint64(o_m)
+    s, stride = np.uint64(s), np.uint64(stride)
+    for q in range(np.uint64(count)):
+        yy = base_y[q] + dy + off[o_y + q]
+        xx = base_x[q] + dx + off[o_x + q]
+        m = msk[o_m + q] if has_mask else 1.0
+        inside = (yy >= -1.0) & (yy < fh) & (xx >= -1.0) & (xx < fw)
+        yf = math.floor(yy)
+        xf = math.floor(xx)
+        corner = (yf + 1.0) * rowf + (xf + 1.0) * colf
+        index[s + q] = int(corner if inside else outside)
+        ly = yy - yf if inside else 0.0
+        lx = xx - xf if inside else 0.0
+        mm = np.float64(m) if inside else 0.0
+        frac[s + q] = cast(ly)
+        frac[s + q + stride] = cast(lx)
+        frac[s + q + 2 * stride] = cast(mm)
+        frac[s + q + 3 * stride] = cast(yf + 1.0 if inside else -1.0)
+        if weights:
+            frac[s + q + 4 * stride] = cast((1.0 - ly) * (1.0 - lx) * mm)
+            frac[s + q + 5 * stride] = cast((1.0 - ly) * lx * mm)
+            frac[s + q + 6 * stride] = cast(ly * (1.0 - lx) * mm)
+            frac[s + q + 7 * stride] = cast(ly * lx * mm)
+
+
+@njit(nogil=True, cache=True, fastmath=_FASTMATH, inline="always")
+def _locate_block(off, msk, has_mask, geo, tile, item, rows, base_y, base_x, index, values,
+                  stride, backward, weights):  # fmt: skip
+    """Every tap of a block: ``_taps`` (or ``_taps_backward``) for each (group, tap), their
+    positions at ``(g * K + k) * count + q``. Returns the block's first position in its plane."""
+    out_w, groups, kh, kw = geo[_OW], geo[_G], geo[_KH], geo[_KW]
+    dh, dw = geo[_DH], geo[_DW]
+    plane = geo[_OH] * out_w
+    taps = kh * kw
+    n0, r0, c0, rb, wb = tile[0], tile[1], tile[2], tile[4], tile[5]
+    nl = item // rb
+    n = n0 + nl
+    count = rows * wb
+    _block_bases(geo, tile, item, rows, base_y, base_x)
+    first = (r0 + item - nl * rb) * out_w + c0  # the block's positions are consecutive
+    for gk in range(groups * taps):
+        g = gk // taps
+        k = gk - g * taps
+        i = k // kw
+        at = (n * groups + g) * taps + k
+        dy = np.float64(i * dh)
+        dx = np.float64((k - i * kw) * dw)
+        if backward:
+            _taps_backward(off, msk, has_mask, 2 * at * plane + first, (2 * at + 1) * plane + first,
+                           at * plane + first, base_y, base_x, dy, dx, geo, count, index, values,
+                           gk * count, stride, weights)  # fmt: skip
+        else:
+            _taps(off, msk, has_mask, 2 * at * plane + first, (2 * at + 1) * plane + first,
+                  at * plane + first, base_y, base_x, dy, dx, geo, count, index, values,
+                  gk * count, stride)  # fmt: skip
+    return first
 
 
 @njit(nogil=True, cache=True, fastmath=_FASTMATH)
-def _sample(inp, off, msk, has_mask, geo, runs, tile, lay, out, chunk, chunks):
+def _blend_block_simple(out, pad, image, index, weight, stride, geo, dest, lay, item, rows, wb):
+    """``_blend_block`` when every offset group is one run of channels, written contiguously."""
+    channels, groups, kw = geo[_C], geo[_G], geo[_KW]
+    cpg = channels // groups
+    taps = geo[_KH] * kw
+    s_row, s_wl, s_i, s_j = lay[0], lay[1], lay[2], lay[3]
+    col = np.uint64(channels)
+    row = np.uint64((geo[_W] + 2) * channels)
+    count = rows * wb
+    q = 0
+    for r in range(rows):
+        for wl in range(wb):
+            at = (item + r) * s_row + wl * s_wl
+            i = 0
+            j = 0
+            for k in range(taps):
+                t = k * count + q
+                for g in range(groups):
+                    a = np.uint64(image + index[t] + g * cpg)
+                    o = np.uint64(at + i * s_i + j * s_j + dest[g])
+                    w00, w01 = weight[t], weight[t + stride]
+                    w10, w11 = weight[t + 2 * stride], weight[t + 3 * stride]
+                    _blend_width(out, o, pad, a, row, col, w00, w01, w10, w11, cpg)
+                    t += taps * count
+                j += 1
+                if j == kw:
+                    i += 1
+                    j = 0
+            q += 1
+
+
+@njit(nogil=True, cache=True, fastmath=_FASTMATH)
+def _blend_block(out, pad, image, index, weight, stride, geo, runs, dest, lay, item, rows, wb):
+    """The samples of a block of positions (``_sample``) from its taps' corners and weights.
+
+    A function of its own, not inlined: LLVM keeps this loop nest's registers to itself, which
+    made it about a fifth faster than inside ``_sample``.
+    """
+    channels, groups, kh, kw = geo[_C], geo[_G], geo[_KH], geo[_KW]
+    taps = kh * kw
+    s_row, s_wl, s_i, s_j, s_c = lay[0], lay[1], lay[2], lay[3], lay[5]
+    row = (geo[_W] + 2) * channels
+    count = rows * wb
+    q = 0
+    for r in range(rows):
+        for wl in range(wb):
+            at = (item + r) * s_row + wl * s_wl
+            k = 0
+            for i in range(kh):
+                for j in range(kw):
+                    base = at + i * s_i + j * s_j
+                    t = k * count + q
+                    for g in range(groups):
+                        corner = image + index[t]
+                        w00, w01 = weight[t], weight[t + stride]
+                        w10, w11 = weight[t + 2 * stride], weight[t + 3 * stride]
+                        for r_ in range(runs[g], runs[g + 1]):
+                            if s_c == 1:
+                                _blend_width(out, base + dest[r_], pad,
+                                             corner + runs[_RUNS + 3 * r_], row, channels, w00,
+                                             w01, w10, w11, runs[_RUNS + 3 * r_ + 1])  # fmt: skip
+                            else:
+                                _blend4_strided(out, base + dest[r_], s_c, pad,
+                                                corner + runs[_RUNS + 3 * r_], row, channels, w00,
+                                                w01, w10, w11, runs[_RUNS + 3 * r_ + 1])  # fmt: skip
+                        t += taps * count
+                    k += 1
+            q += 1
+
+
+@njit(nogil=True, cache=True, fastmath=_FASTMATH)
+def _sample(pad, off, msk, has_mask, geo, runs, tile, lay, out, chunk, chunks):
     """Write mask * bilinear(input, p0 + p_k + offset) for one tile into ``out``.
 
-    Flat arrays: inp [N, H, W, C], off [N, 2*G*K, Ho, Wo], msk [N, G*K, Ho, Wo]. ``tile`` is
-    (n0, r0, c0, nb, rb, wb); the sample of channel c (weight group gw = c // cw) at tap (i, j) of
-    tile position (nl, rl, wl) goes to
-    ``out[(nl*rb + rl)*s_row + wl*s_wl + i*s_i + j*s_j + gw*s_g + c % cw]``, ``lay`` holding
-    (s_row, s_wl, s_i, s_j, s_g). ``runs`` lists the channel runs (see ``_channel_runs``).
+    Flat arrays: pad [N, H+3, W+2, C] (``_padded``), off [N, 2*G*K, Ho, Wo], msk [N, G*K, Ho, Wo].
+    ``tile`` is (n0, r0, c0, nb, rb, wb); the sample of channel c (weight group gw = c // cw) at
+    tap (i, j) of tile position (nl, rl, wl) goes to
+    ``out[(nl*rb + rl)*s_row + wl*s_wl + i*s_i + j*s_j + gw*s_g + (c % cw)*s_c]``, ``lay``
+    holding (s_row, s_wl, s_i, s_j, s_g, s_c). ``runs`` lists the channel runs (see
+    ``_channel_runs``). The chunk does its share of the tile's blocks (``_block``).
+
+    By blocks of output positions: first the corners and weights of every tap (``_taps``,
+    vectorised across positions), then the samples, channels innermost (vectorised across
+    channels). The padding makes every corner readable, so the channel loop has no branch.
     """
-    height, width, channels = geo[_H], geo[_W], geo[_C]
-    out_w, groups, kh, kw = geo[_OW], geo[_G], geo[_KH], geo[_KW]
-    sh, sw, ph, pw, dh, dw = geo[_SH], geo[_SW], geo[_PH], geo[_PW], geo[_DH], geo[_DW]
-    plane = geo[_OH] * out_w
-    taps = kh * kw
-    n0, r0, c0, nb, rb, wb = tile[0], tile[1], tile[2], tile[3], tile[4], tile[5]
-    s_row, s_wl, s_i, s_j = lay[0], lay[1], lay[2], lay[3]
-    dest = _run_destinations(runs, lay[4], geo[_CW])
-    row_stride = width * channels
-    cast = out.dtype.type
-    items = nb * rb
-    for item in range(items * chunk // chunks, items * (chunk + 1) // chunks):
-        nl = item // rb
-        n = n0 + nl
-        ho = r0 + item - nl * rb
-        image = n * height * row_stride
-        for wl in range(wb):
-            wo = c0 + wl
-            pos = ho * out_w + wo
-            for i in range(kh):
-                y_base = ho * sh - ph + i * dh
-                for j in range(kw):
-                    x_base = wo * sw - pw + j * dw
-                    k = i * kw + j
-                    base = item * s_row + wl * s_wl + i * s_i + j * s_j
-                    for g in range(groups):
-                        gk = (n * groups + g) * taps + k
-                        y = y_base + off[2 * gk * plane + pos]
-                        x = x_base + off[(2 * gk + 1) * plane + pos]
-                        m = msk[gk * plane + pos] if has_mask else 1.0
-                        if not (y > -1.0 and y < height and x > -1.0 and x < width):
-                            for r in range(runs[g], runs[g + 1]):
-                                _fill(out, base + dest[r], runs[_RUNS + 3 * r + 1])
-                            continue
-                        y0 = int(math.floor(y))
-                        x0 = int(math.floor(x))
-                        ly = y - y0
-                        lx = x - x0
-                        w00 = cast((1.0 - ly) * (1.0 - lx) * m)
-                        w01 = cast((1.0 - ly) * lx * m)
-                        w10 = cast(ly * (1.0 - lx) * m)
-                        w11 = cast(ly * lx * m)
-                        corner = image + (y0 * width + x0) * channels
-                        if y0 >= 0 and x0 >= 0 and y0 + 1 < height and x0 + 1 < width:
-                            for r in range(runs[g], runs[g + 1]):
-                                _blend4(out, base + dest[r], inp, corner + runs[_RUNS + 3 * r],
-                                        row_stride, channels, w00, w01, w10, w11,
-                                        runs[_RUNS + 3 * r + 1])  # fmt: skip
-                            continue
-                        # a corner outside the image counts as zero
-                        for r in range(runs[g], runs[g + 1]):
-                            o = base + dest[r]
-                            a = corner + runs[_RUNS + 3 * r]
-                            count = runs[_RUNS + 3 * r + 1]
-                            _fill(out, o, count)
-                            if y0 >= 0 and x0 >= 0:
-                                _axpy(out, o, w00, inp, a, count)
-                            if y0 >= 0 and x0 + 1 < width:
-                                _axpy(out, o, w01, inp, a + channels, count)
-                            if y0 + 1 < height and x0 >= 0:
-                                _axpy(out, o, w10, inp, a + row_stride, count)
-                            if y0 + 1 < height and x0 + 1 < width:
-                                _axpy(out, o, w11, inp, a + row_stride + channels, count)
+    channels, groups, taps = geo[_C], geo[_G], geo[_KH] * geo[_KW]
+    n0, rb, wb = tile[0], tile[4], tile[5]
+    dest = _run_destinations(runs, lay[4], geo[_CW], lay[5])
+    # every offset group one run of channels, written contiguously: the common case
+    simple = lay[5] == 1 and runs.size - _RUNS == 3 * groups
+    image_size = (geo[_H] + 3) * (geo[_W] + 2) * channels
+    block_rows = _block_rows(tile[3], rb, wb)
+    stride = groups * taps * block_rows * wb  # one plane of the weights below
+    index = np.empty(stride, dtype=np.int64)
+    weight = np.empty(4 * stride, dtype=out.dtype)
+    base_y = np.empty(block_rows * wb, dtype=np.float64)
+    base_x = np.empty(block_rows * wb, dtype=np.float64)
+    blocks = tile[3] * ((rb + block_rows - 1) // block_rows)
+    for b in range(blocks * chunk // chunks, blocks * (chunk + 1) // chunks):
+        item, rows = _block(tile, b)
+        _locate_block(off, msk, has_mask, geo, tile, item, rows, base_y, base_x, index, weight,
+                      stride, False, True)  # fmt: skip
+        image = (n0 + item // rb) * image_size
+        if simple:
+            _blend_block_simple(out, pad, image, index, weight, stride, geo, dest, lay, item, rows,
+                                wb)  # fmt: skip
+        else:
+            _blend_block(out, pad, image, index, weight, stride, geo, runs, dest, lay, item, rows,
+                         wb)  # fmt: skip
 
 
 @njit(nogil=True, cache=True, fastmath=_FASTMATH)
-def _backward_offset(inp, off, msk, has_mask, geo, runs, tile, lay, grad_cols, grad_off, grad_msk,
-                     tap_corner, tap_weight, item_rows, chunk, chunks):  # fmt: skip
-    """Phase 1 of the backward of ``_sample``, over this chunk's tile positions.
-
-    ``grad_cols`` is dL/d(out of ``_sample``), same layout. Writes dL/doffset and dL/dmask of the
-    chunk's positions into ``grad_off`` / ``grad_msk`` (flat, the layouts of off / msk), and for
-    every tap t = ((item * wb + wl) * K + k) * G + g records its top-left corner (y0, x0) in
-    ``tap_corner[2t:2t+2]`` (y0 = -2 when nothing is sampled) and its four bilinear weights times
-    the mask, zero for corners outside the image, in ``tap_weight[4t:4t+4]``; and the range of
-    y0 over the taps of each tile row ``item`` in ``item_rows[2 * item : 2 * item + 2]``.
-    """
-    height, width, channels = geo[_H], geo[_W], geo[_C]
-    out_w, groups, kh, kw = geo[_OW], geo[_G], geo[_KH], geo[_KW]
-    sh, sw, ph, pw, dh, dw = geo[_SH], geo[_SW], geo[_PH], geo[_PW], geo[_DH], geo[_DW]
-    plane = geo[_OH] * out_w
-    taps = kh * kw
-    n0, r0, c0, nb, rb, wb = tile[0], tile[1], tile[2], tile[3], tile[4], tile[5]
+def _backward_reduce_simple(pad, grad_cols, write_cols, cols, image, index, frac, stride, geo,
+                            dest, lay, item, rows, wb, sums):  # fmt: skip
+    """``_backward_reduce`` when every offset group is one run of channels (the common case)."""
+    channels, groups, kw = geo[_C], geo[_G], geo[_KW]
+    cpg = channels // groups
+    taps = geo[_KH] * kw
     s_row, s_wl, s_i, s_j = lay[0], lay[1], lay[2], lay[3]
-    dest = _run_destinations(runs, lay[4], geo[_CW])
-    row_stride = width * channels
+    row = (geo[_W] + 2) * channels
+    count = rows * wb
+    one = grad_cols.dtype.type(1.0)
+    q = 0
+    for r in range(rows):
+        for wl in range(wb):
+            at = (item + r) * s_row + wl * s_wl
+            i = 0
+            j = 0
+            for k in range(taps):
+                s = k * count + q
+                for g in range(groups):
+                    ly, lx, m = frac[s], frac[s + stride], frac[s + 2 * stride]
+                    acc_y, acc_x, acc_m = _reduce4(
+                        grad_cols, at + i * s_i + j * s_j + dest[g], pad,
+                        image + index[s] + g * cpg, channels, row, ly, lx, one - ly, write_cols,
+                        cols, m, cpg)  # fmt: skip
+                    sums[s] = acc_y * m
+                    sums[s + stride] = acc_x * m
+                    sums[s + 2 * stride] = acc_m
+                    s += taps * count
+                j += 1
+                if j == kw:
+                    i += 1
+                    j = 0
+            q += 1
+
+
+@njit(nogil=True, cache=True, fastmath=_FASTMATH)
+def _backward_reduce(pad, grad_cols, write_cols, cols, image, index, frac, stride, geo, runs,
+                     dest, lay, item, rows, wb, sums):  # fmt: skip
+    """The channel work of ``_backward_taps`` for a block: per tap, dL/dy and dL/dx (times the
+    mask) and dL/dmask into ``sums[s + p * stride]`` (p = 0, 1, 2), and with ``write_cols`` the
+    samples themselves. A function of its own, as ``_blend_block``."""
+    channels, groups, kh, kw = geo[_C], geo[_G], geo[_KH], geo[_KW]
+    taps = kh * kw
+    s_row, s_wl, s_i, s_j = lay[0], lay[1], lay[2], lay[3]
+    row = (geo[_W] + 2) * channels
+    count = rows * wb
     cast = grad_cols.dtype.type
-    items = nb * rb
-    for item in range(items * chunk // chunks, items * (chunk + 1) // chunks):
-        nl = item // rb
-        n = n0 + nl
-        ho = r0 + item - nl * rb
-        image = n * height * row_stride
-        lowest = height
-        highest = -2
+    zero = cast(0.0)
+    one = cast(1.0)
+    q = 0
+    for r in range(rows):
         for wl in range(wb):
-            wo = c0 + wl
-            pos = ho * out_w + wo
-            for i in range(kh):
-                y_base = ho * sh - ph + i * dh
-                for j in range(kw):
-                    x_base = wo * sw - pw + j * dw
-                    k = i * kw + j
-                    base = item * s_row + wl * s_wl + i * s_i + j * s_j
-                    for g in range(groups):
-                        t = ((item * wb + wl) * taps + k) * groups + g
-                        gk = (n * groups + g) * taps + k
-                        y = y_base + off[2 * gk * plane + pos]
-                        x = x_base + off[(2 * gk + 1) * plane + pos]
-                        m = msk[gk * plane + pos] if has_mask else 1.0
-                        # y == -1 exactly samples zero, but its one-sided derivative is not
-                        # (torchvision's convention): keep it, as the reference does.
-                        if not (y >= -1.0 and y < height and x >= -1.0 and x < width):
-                            tap_corner[2 * t] = -2
-                            grad_off[2 * gk * plane + pos] = 0.0
-                            grad_off[(2 * gk + 1) * plane + pos] = 0.0
-                            grad_msk[gk * plane + pos] = 0.0
-                            continue
-                        y0 = int(math.floor(y))
-                        x0 = int(math.floor(x))
-                        ly = cast(y - y0)
-                        lx = cast(x - x0)
-                        hy = cast(1.0 - (y - y0))
-                        ok00 = y0 >= 0 and x0 >= 0
-                        ok01 = y0 >= 0 and x0 + 1 < width
-                        ok10 = y0 + 1 < height and x0 >= 0
-                        ok11 = y0 + 1 < height and x0 + 1 < width
-                        tap_corner[2 * t] = y0
-                        tap_corner[2 * t + 1] = x0
-                        lowest = min(lowest, y0)
-                        highest = max(highest, y0)
-                        tap_weight[4 * t] = (1.0 - (y - y0)) * (1.0 - (x - x0)) * m if ok00 else 0.0
-                        tap_weight[4 * t + 1] = (1.0 - (y - y0)) * (x - x0) * m if ok01 else 0.0
-                        tap_weight[4 * t + 2] = (y - y0) * (1.0 - (x - x0)) * m if ok10 else 0.0
-                        tap_weight[4 * t + 3] = (y - y0) * (x - x0) * m if ok11 else 0.0
-                        zero = cast(0.0)
-                        acc_y = zero
-                        acc_x = zero
-                        acc_m = zero
-                        corner = image + (y0 * width + x0) * channels
-                        for r in range(runs[g], runs[g + 1]):
-                            src = np.uint64(base + dest[r])
-                            a = corner + runs[_RUNS + 3 * r]
-                            count = runs[_RUNS + 3 * r + 1]
-                            if ok00 and ok11:  # interior: all four corners inside
-                                a00 = np.uint64(a)
-                                a01 = np.uint64(a + channels)
-                                a10 = np.uint64(a + row_stride)
-                                a11 = np.uint64(a + row_stride + channels)
-                                for cc in range(np.uint64(count)):
-                                    ge = grad_cols[src + cc]
-                                    va = inp[a00 + cc]
-                                    vb = inp[a01 + cc]
-                                    vc = inp[a10 + cc]
-                                    vd = inp[a11 + cc]
-                                    top = va + lx * (vb - va)
-                                    bottom = vc + lx * (vd - vc)
-                                    acc_m += ge * (top + ly * (bottom - top))
-                                    acc_y += ge * (bottom - top)
-                                    acc_x += ge * (hy * (vb - va) + ly * (vd - vc))
-                                continue
-                            for cc in range(count):
-                                ge = grad_cols[src + np.uint64(cc)]
-                                va = inp[a + cc] if ok00 else zero
-                                vb = inp[a + channels + cc] if ok01 else zero
-                                vc = inp[a + row_stride + cc] if ok10 else zero
-                                vd = inp[a + row_stride + channels + cc] if ok11 else zero
-                                top = va + lx * (vb - va)
-                                bottom = vc + lx * (vd - vc)
-                                acc_m += ge * (top + ly * (bottom - top))
-                                acc_y += ge * (bottom - top)
-                                acc_x += ge * (hy * (vb - va) + ly * (vd - vc))
-                        grad_off[2 * gk * plane + pos] = acc_y * m
-                        grad_off[(2 * gk + 1) * plane + pos] = acc_x * m
-                        grad_msk[gk * plane + pos] = acc_m
-        item_rows[2 * item] = lowest
-        item_rows[2 * item + 1] = highest
+            at = (item + r) * s_row + wl * s_wl
+            i = 0
+            j = 0
+            for k in range(taps):
+                base = at + i * s_i + j * s_j
+                s = k * count + q
+                for g in range(groups):
+                    corner = image + index[s]
+                    ly, lx, m = frac[s], frac[s + stride], frac[s + 2 * stride]
+                    hy = one - ly
+                    acc_y = zero
+                    acc_x = zero
+                    acc_m = zero
+                    for r_ in range(runs[g], runs[g + 1]):
+                        ry, rx, rm = _reduce4(grad_cols, base + dest[r_], pad,
+                                                   corner + runs[_RUNS + 3 * r_], channels, row,
+                                                   ly, lx, hy, write_cols, cols, m,
+                                                   runs[_RUNS + 3 * r_ + 1])  # fmt: skip
+                        acc_y += ry
+                        acc_x += rx
+                        acc_m += rm
+                    sums[s] = acc_y * m
+                    sums[s + stride] = acc_x * m
+                    sums[s + 2 * stride] = acc_m
+                    s += taps * count
+                j += 1
+                if j == kw:
+                    i += 1
+                    j = 0
+            q += 1
 
 
 @njit(nogil=True, cache=True, fastmath=_FASTMATH)
-def _backward_input(geo, runs, tile, lay, grad_cols, tap_corner, tap_weight, item_rows, grad_inp,
-                    chunk, chunks):  # fmt: skip
-    """Phase 2: scatter dL/d(samples) into the input gradient (flat [N, H, W, C]).
+def _backward_taps(pad, off, msk, has_mask, geo, runs, tile, lay, grad_cols, write_cols, cols,
+                   grad_off, grad_msk, item_rows, chunk, chunks):  # fmt: skip
+    """Phase 1 of the backward, over this chunk's blocks of the tile (``_block``).
 
-    The chunk owns a band of input rows of the tile's images and walks every tap in order,
-    adding only into its own rows: no two threads write one element, and each element receives
-    its contributions in tap order whatever the number of threads (bit-identical results).
+    ``grad_cols`` is dL/d(samples) in the layout ``lay`` of ``_sample`` (channels contiguous).
+    Writes dL/doffset and dL/dmask of the chunk's positions into ``grad_off`` / ``grad_msk``
+    (flat, the layouts of off / msk); with ``write_cols``, the samples themselves into ``cols``
+    (the layout of ``grad_cols``: the weight gradient's operand, from the corners this pass reads
+    anyway); and for each tile row ``item`` the range of the padded rows its taps' top corners
+    lie on, in ``item_rows[2 * item : 2 * item + 2]`` (empty, (H + 3, -1), if none samples).
     """
-    height, width, channels = geo[_H], geo[_W], geo[_C]
-    groups, kh, kw = geo[_G], geo[_KH], geo[_KW]
+    out_w, groups, taps = geo[_OW], geo[_G], geo[_KH] * geo[_KW]
+    plane = geo[_OH] * out_w
+    n0, rb, wb = tile[0], tile[4], tile[5]
+    dest = _run_destinations(runs, lay[4], geo[_CW], lay[5])
+    simple = runs.size - _RUNS == 3 * groups  # every offset group one run of channels
+    image_rows = geo[_H] + 3
+    image_size = image_rows * (geo[_W] + 2) * geo[_C]
+    block_rows = _block_rows(tile[3], rb, wb)
+    stride = groups * taps * block_rows * wb
+    index = np.empty(stride, dtype=np.int64)
+    frac = np.empty(4 * stride, dtype=grad_cols.dtype)
+    sums = np.empty(3 * stride, dtype=grad_cols.dtype)
+    base_y = np.empty(block_rows * wb, dtype=np.float64)
+    base_x = np.empty(block_rows * wb, dtype=np.float64)
+    blocks = tile[3] * ((rb + block_rows - 1) // block_rows)
+    for b in range(blocks * chunk // chunks, blocks * (chunk + 1) // chunks):
+        item, rows = _block(tile, b)
+        count = rows * wb
+        first = _locate_block(off, msk, has_mask, geo, tile, item, rows, base_y, base_x, index,
+                              frac, stride, True, False)  # fmt: skip
+        n = n0 + item // rb
+        if simple:
+            _backward_reduce_simple(pad, grad_cols, write_cols, cols, n * image_size, index, frac,
+                                    stride, geo, dest, lay, item, rows, wb, sums)  # fmt: skip
+        else:
+            _backward_reduce(pad, grad_cols, write_cols, cols, n * image_size, index, frac, stride,
+                             geo, runs, dest, lay, item, rows, wb, sums)  # fmt: skip
+        # the block's offset / mask gradients: one contiguous run per (group, tap)
+        for gk in range(groups * taps):
+            at = n * groups * taps + gk
+            o_y = np.uint64(2 * at * plane + first)
+            o_m = np.uint64(at * plane + first)
+            s = np.uint64(gk * count)
+            for q in range(np.uint64(count)):
+                grad_off[o_y + q] = sums[s + q]
+                grad_off[o_y + np.uint64(plane) + q] = sums[s + np.uint64(stride) + q]
+                grad_msk[o_m + q] = sums[s + np.uint64(2 * stride) + q]
+        for r in range(rows):
+            lowest = np.float64(image_rows)
+            highest = -1.0
+            for gk in range(groups * taps):
+                s = np.uint64(3 * stride + gk * count + r * wb)
+                for wl in range(np.uint64(wb)):
+                    top = np.float64(frac[s + wl])
+                    lowest = min(lowest, top) if top >= 0.0 else lowest
+                    highest = max(highest, top)
+            item_rows[2 * (item + r)] = int(lowest)
+            item_rows[2 * (item + r) + 1] = int(highest)
+
+
+@njit(nogil=True, cache=True, fastmath=_FASTMATH)
+def _backward_input(off, msk, has_mask, geo, runs, tile, lay, grad_cols, item_rows, grad_pad,
+                    chunk, chunks):  # fmt: skip
+    """Phase 2: scatter dL/d(samples) into the padded input gradient (flat [N, H+3, W+2, C]).
+
+    The chunk owns a band of padded rows of the tile's images. It walks every block whose taps
+    touch the band (``item_rows``), locates its taps again (cheaper than keeping a table of
+    them), and adds only into its own rows: no two threads write one element, and each element
+    receives its contributions in tap order whatever the number of threads (bit-identical
+    results). Corners in the padding get their share too; the caller drops the padding.
+    """
+    channels, groups, kh, kw = geo[_C], geo[_G], geo[_KH], geo[_KW]
     taps = kh * kw
     n0, nb, rb, wb = tile[0], tile[3], tile[4], tile[5]
     s_row, s_wl, s_i, s_j = lay[0], lay[1], lay[2], lay[3]
-    dest = _run_destinations(runs, lay[4], geo[_CW])
-    rows = nb * height  # rows of the tile's images, numbered (nl * H + y)
-    lo = rows * chunk // chunks
-    hi = rows * (chunk + 1) // chunks
+    dest = _run_destinations(runs, lay[4], geo[_CW], lay[5])
+    row = (geo[_W] + 2) * channels
+    image_rows = geo[_H] + 3
+    rows_all = nb * image_rows  # padded rows of the tile's images, numbered (nl * (H + 3) + y)
+    lo = rows_all * chunk // chunks
+    hi = rows_all * (chunk + 1) // chunks
     if hi <= lo:
         return
-    for item in range(nb * rb):
-        nl = item // rb
-        first = nl * height  # this image's row 0 in the numbering above
-        if first + item_rows[2 * item + 1] + 1 < lo or first + item_rows[2 * item] >= hi:
-            continue  # no tap of this tile row touches the band
-        image = (n0 + nl) * height * width * channels
-        for wl in range(wb):
-            for i in range(kh):
-                for j in range(kw):
-                    k = i * kw + j
-                    base = item * s_row + wl * s_wl + i * s_i + j * s_j
+    block_rows = _block_rows(tile[3], rb, wb)
+    stride = groups * taps * block_rows * wb
+    index = np.empty(stride, dtype=np.int64)
+    frac = np.empty(8 * stride, dtype=grad_cols.dtype)
+    base_y = np.empty(block_rows * wb, dtype=np.float64)
+    base_x = np.empty(block_rows * wb, dtype=np.float64)
+    blocks = nb * ((rb + block_rows - 1) // block_rows)
+    for b in range(blocks):
+        item, rows = _block(tile, b)
+        first_row = (item // rb) * image_rows  # this image's row 0 in the numbering above
+        touches = False
+        for r in range(rows):
+            low, high = item_rows[2 * (item + r)], item_rows[2 * (item + r) + 1]
+            if first_row + high + 1 >= lo and first_row + low < hi:
+                touches = True
+        if not touches:
+            continue
+        _locate_block(off, msk, has_mask, geo, tile, item, rows, base_y, base_x, index, frac,
+                      stride, True, True)  # fmt: skip
+        image = (n0 + item // rb) * image_rows * row
+        count = rows * wb
+        q = 0
+        for r in range(rows):
+            for wl in range(wb):
+                at = (item + r) * s_row + wl * s_wl
+                i = 0
+                j = 0
+                for k in range(taps):
+                    base = at + i * s_i + j * s_j
+                    s = k * count + q
                     for g in range(groups):
-                        t = ((item * wb + wl) * taps + k) * groups + g
-                        y0 = tap_corner[2 * t]
-                        if y0 < -1 or first + y0 + 1 < lo or first + y0 >= hi:
-                            continue
-                        x0 = tap_corner[2 * t + 1]
-                        for dy in range(2):
-                            if first + y0 + dy < lo or first + y0 + dy >= hi:
-                                continue
-                            for dx in range(2):
-                                w = tap_weight[4 * t + 2 * dy + dx]
-                                if w == 0.0:  # also every corner outside the image
-                                    continue
-                                corner = image + ((y0 + dy) * width + x0 + dx) * channels
-                                for r in range(runs[g], runs[g + 1]):
-                                    _axpy(grad_inp, corner + runs[_RUNS + 3 * r], w, grad_cols,
-                                          base + dest[r], runs[_RUNS + 3 * r + 1])  # fmt: skip
+                        top = first_row + int(frac[s + 3 * stride])
+                        if frac[s + 3 * stride] >= 0.0 and top + 1 >= lo and top < hi:
+                            corner = image + index[s]
+                            w00, w01 = frac[s + 4 * stride], frac[s + 5 * stride]
+                            w10, w11 = frac[s + 6 * stride], frac[s + 7 * stride]
+                            for r_ in range(runs[g], runs[g + 1]):
+                                a = corner + runs[_RUNS + 3 * r_]
+                                src = base + dest[r_]
+                                n_c = runs[_RUNS + 3 * r_ + 1]
+                                if top >= lo:
+                                    _axpy2_width(grad_pad, a, channels, w00, w01, grad_cols, src,
+                                                 n_c)  # fmt: skip
+                                if top + 1 < hi:
+                                    _axpy2_width(grad_pad, a + row, channels, w10, w11, grad_cols,
+                                                 src, n_c)  # fmt: skip
+                        s += taps * count
+                    j += 1
+                    if j == kw:
+                        i += 1
+                        j = 0
+                q += 1
+
+
+# ---------------------------------------------------------------------------------------------
+# The kernels as tasks for torch's OpenMP threads (``_parallel.run_openmp``). A task receives an
+# int64 descriptor: [counter address, chunks, float64?, then (address, length) of every array
+# argument, then the scalar ones]; its threads claim chunks from the counter until none is left.
+
+
+@intrinsic
+def _address(typingctx, address):
+    """The int64 ``address`` as a void pointer (memory handed over by the descriptor)."""
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], cgutils.voidptr_t)
+
+    return types.voidptr(types.int64), codegen
+
+
+@intrinsic
+def _claim(typingctx, address):
+    """Atomically add one to the int64 at ``address``; the value it had."""
+
+    def codegen(context, builder, signature, args):
+        counter = builder.inttoptr(args[0], llvm_ir.IntType(64).as_pointer())
+        return builder.atomic_rmw("add", counter, llvm_ir.Constant(llvm_ir.IntType(64), 1),
+                                  "monotonic")  # fmt: skip
+
+    return types.int64(types.int64), codegen
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _ints(d, k):
+    return carray(_address(d[k]), d[k + 1], dtype=np.int64)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _floats32(d, k):
+    return carray(_address(d[k]), d[k + 1], dtype=np.float32)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _floats64(d, k):
+    return carray(_address(d[k]), d[k + 1], dtype=np.float64)
+
+
+@njit(nogil=True, cache=True)
+def _pad_rows_chunks(d, inp, pad):
+    chunk = _claim(d[0])
+    while chunk < d[1]:
+        _pad_rows(inp, d[9] != 0, pad, _ints(d, 7), chunk, d[1])
+        chunk = _claim(d[0])
+
+
+def _pad_rows_task(data):
+    d = carray(data, 16, dtype=np.int64)
+    if d[2]:
+        _pad_rows_chunks(d, _floats64(d, 3), _floats64(d, 5))
+    else:
+        _pad_rows_chunks(d, _floats32(d, 3), _floats32(d, 5))
+
+
+@njit(nogil=True, cache=True)
+def _sample_chunks(d, pad, off, msk, out):
+    geo, runs, tile, lay = _ints(d, 9), _ints(d, 11), _ints(d, 13), _ints(d, 15)
+    chunk = _claim(d[0])
+    while chunk < d[1]:
+        _sample(pad, off, msk, d[19] != 0, geo, runs, tile, lay, out, chunk, d[1])
+        chunk = _claim(d[0])
+
+
+def _sample_task(data):
+    d = carray(data, 32, dtype=np.int64)
+    if d[2]:
+        _sample_chunks(d, _floats64(d, 3), _floats64(d, 5), _floats64(d, 7), _floats64(d, 17))
+    else:
+        _sample_chunks(d, _floats32(d, 3), _floats32(d, 5), _floats32(d, 7), _floats32(d, 17))
+
+
+@njit(nogil=True, cache=True)
+def _backward_taps_chunks(d, pad, off, msk, grad_cols, cols, grad_off, grad_msk):
+    geo, runs, tile, lay = _ints(d, 9), _ints(d, 11), _ints(d, 13), _ints(d, 15)
+    item_rows = _ints(d, 25)
+    chunk = _claim(d[0])
+    while chunk < d[1]:
+        _backward_taps(pad, off, msk, d[27] != 0, geo, runs, tile, lay, grad_cols, d[28] != 0,
+                       cols, grad_off, grad_msk, item_rows, chunk, d[1])  # fmt: skip
+        chunk = _claim(d[0])
+
+
+def _backward_taps_task(data):
+    d = carray(data, 40, dtype=np.int64)
+    if d[2]:
+        _backward_taps_chunks(d, _floats64(d, 3), _floats64(d, 5), _floats64(d, 7),
+                              _floats64(d, 17), _floats64(d, 19), _floats64(d, 21),
+                              _floats64(d, 23))  # fmt: skip
+    else:
+        _backward_taps_chunks(d, _floats32(d, 3), _floats32(d, 5), _floats32(d, 7),
+                              _floats32(d, 17), _floats32(d, 19), _floats32(d, 21),
+                              _floats32(d, 23))  # fmt: skip
+
+
+@njit(nogil=True, cache=True)
+def _backward_input_chunks(d, off, msk, grad_cols, grad_pad):
+    geo, runs, tile, lay = _ints(d, 7), _ints(d, 9), _ints(d, 11), _ints(d, 13)
+    item_rows = _ints(d, 17)
+    chunk = _claim(d[0])
+    while chunk < d[1]:
+        _backward_input(off, msk, d[21] != 0, geo, runs, tile, lay, grad_cols, item_rows, grad_pad,
+                        chunk, d[1])  # fmt: skip
+        chunk = _claim(d[0])
+
+
+def _backward_input_task(data):
+    d = carray(data, 32, dtype=np.int64)
+    if d[2]:
+        _backward_input_chunks(d, _floats64(d, 3), _floats64(d, 5), _floats64(d, 15),
+                               _floats64(d, 19))  # fmt: skip
+    else:
+        _backward_input_chunks(d, _floats32(d, 3), _floats32(d, 5), _floats32(d, 15),
+                               _floats32(d, 19))  # fmt: skip
+
+
+#: kernel name -> its task, compiled (and cached on disk) the first time it runs on OpenMP
+_compiled_tasks: dict = {}
+
+
+def _run(kernel, chunks: int, *args) -> None:
+    """``run_chunked(kernel, chunks, *args)``, on torch's OpenMP threads where it runs on them
+    (``_parallel.run_openmp``): the arrays are handed over by address, numbers as they are."""
+    threads = min(_parallel.num_threads(), chunks)
+    if threads <= 1 or not _parallel.openmp_available():
+        run_chunked(kernel, chunks, *args)
+        return
+    task = _compiled_tasks.get(kernel.__name__)
+    if task is None:
+        function = globals()[kernel.__name__ + "_task"]
+        task = _compiled_tasks[kernel.__name__] = cfunc(types.void(types.voidptr), cache=True)(function)
+    counter = np.zeros(1, dtype=np.int64)
+    descriptor = [counter.ctypes.data, chunks, 0]
+    for arg in args:
+        if isinstance(arg, np.ndarray):
+            if arg.dtype == np.float64:
+                descriptor[2] = 1
+            descriptor += [arg.ctypes.data, arg.size]
+    descriptor += [int(arg) for arg in args if not isinstance(arg, np.ndarray)]
+    descriptor = np.array(descriptor + [0] * (40 - len(descriptor)), dtype=np.int64)
+    _parallel.run_openmp(task.address, descriptor, threads)
 
 
 def _tiles(batch, out_h, out_w, bytes_per_position, budget):
@@ -394,10 +913,73 @@ def _tiles(batch, out_h, out_w, bytes_per_position, budget):
                     yield n0, r0, c0, 1, 1, min(cols, out_w - c0)
 
 
+def _is_channels_last(t: torch.Tensor) -> bool:
+    """Channels-last memory that is not also plain contiguous (as F.conv2d decides its output)."""
+    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+@njit(nogil=True, cache=True)
+def _pad_rows(inp, channels_last, pad, geo, chunk, chunks):
+    """Rows of ``_padded``: the chunk's share of the padded rows of every image, from ``inp``
+    (flat NCHW, or NHWC with ``channels_last``). NCHW is transposed in 16 x 16 blocks, read along
+    rows: reading along channels strides by H * W, which on 32 x 32 maps (4 KiB) lands every
+    read in one cache set (torch's own permuted copy was 6x slower there)."""
+    height, width, channels = geo[_H], geo[_W], geo[_C]
+    rows = geo[_BATCH] * (height + 3)
+    row = (width + 2) * channels
+    for r in range(rows * chunk // chunks, rows * (chunk + 1) // chunks):
+        n = r // (height + 3)
+        y = r - n * (height + 3) - 1  # the input row, -1 and >= H are padding
+        d = np.uint64(r * row)
+        if y < 0 or y >= height:
+            for q in range(np.uint64(row)):
+                pad[d + q] = 0.0
+            continue
+        for q in range(np.uint64(channels)):
+            pad[d + q] = 0.0
+            pad[d + np.uint64(row - channels) + q] = 0.0
+        d += np.uint64(channels)
+        if channels_last:
+            s = np.uint64((n * height + y) * width * channels)
+            for q in range(np.uint64(width * channels)):
+                pad[d + q] = inp[s + q]
+            continue
+        src = (n * channels * height + y) * width
+        for c0 in range(0, channels, 16):
+            for x0 in range(0, width, 16):
+                for c in range(c0, min(c0 + 16, channels)):
+                    s = np.uint64(src + c * height * width)
+                    for x in range(x0, min(x0 + 16, width)):
+                        pad[d + np.uint64(x * channels + c)] = inp[s + np.uint64(x)]
+
+
+def _padded(input: torch.Tensor, geo) -> torch.Tensor:
+    """The input channels last with a border of zeros: [N, H + 3, W + 2, C], pixel (y, x) at
+    (y + 1, x + 1). Every bilinear corner of a sample inside (-1, H) x (-1, W) is in it, so the
+    kernels read corners without bounds checks; rows H + 1 and H + 2 are a block of zeros that
+    samples outside the band point at (``_taps``)."""
+    batch, channels, height, width = input.shape
+    input = input.detach()
+    channels_last = _is_channels_last(input)
+    if channels_last:
+        flat = input.permute(0, 2, 3, 1).numpy().reshape(-1)
+    else:
+        flat = input.contiguous().numpy().reshape(-1)
+    pad = torch.empty((batch, height + 3, width + 2, channels), dtype=input.dtype)
+    _run(_pad_rows, num_chunks(batch * (height + 3), pad.numel(), per_thread=1), flat,
+                channels_last, pad.numpy().reshape(-1), geo)  # fmt: skip
+    return pad
+
+
+#: The forward's GEMM: "expanded" (oneDNN's convolution of the expanded image), "gemm" (a plain
+#: GEMM of the column matrix) or "auto" (chosen per shape by ``_forward_gemm``).
+FORWARD_GEMM = "auto"
+
+
 class _Problem:
     """Shapes and flat numpy views shared by the forward and backward of one call."""
 
-    def __init__(self, input, offset, weight, stride, padding, dilation, mask):
+    def __init__(self, input, offset, weight, stride, padding, dilation, mask, budget=None):
         batch, channels, height, width = input.shape
         self.out_channels, self.cw, self.kh, self.kw = weight.shape
         self.out_h, self.out_w = offset.shape[-2:]
@@ -405,25 +987,26 @@ class _Problem:
         self.channels = channels
         self.weight_groups = channels // self.cw
         self.dtype = input.dtype
+        self.channels_last = _is_channels_last(input)
         groups = offset.shape[1] // (2 * self.taps)
         self.offset_groups = groups
         self.runs = _channel_runs(channels, groups, self.cw)
         self.geo = np.array([batch, height, width, channels, self.out_h, self.out_w, groups,
                              self.kh, self.kw, *stride, *padding, *dilation, self.cw],
                             dtype=np.int64)  # fmt: skip
-        # channels-last copy of the input (free when the caller's input already is channels last)
-        self.inp_cl = input.detach().permute(0, 2, 3, 1).contiguous()
+        self.pad = _padded(input, self.geo)
         off = offset.detach().contiguous().numpy().reshape(-1)
         msk = mask.detach().contiguous().numpy().reshape(-1) if mask is not None else off
-        self.sources = (self.inp_cl.numpy().reshape(-1), off, msk, mask is not None)
+        self.sources = (self.pad.numpy().reshape(-1), off, msk, mask is not None)
+        budget = TILE_BYTES if budget is None else min(budget, TILE_BYTES)
         self.tiles = list(_tiles(batch, self.out_h, self.out_w,
-                                 self.taps * channels * input.element_size(), TILE_BYTES))  # fmt: skip
+                                 self.taps * channels * input.element_size(), budget))  # fmt: skip
 
     def sample(self, tile, shape, layout):
         """Samples of one tile into a reused buffer of ``shape``, laid out as ``layout``."""
         numel = math.prod(shape)
         out = _scratch("samples", numel, self.dtype)
-        run_chunked(_sample, num_chunks(tile[3] * tile[4], numel), *self.sources, self.geo, self.runs,
+        _run(_sample, num_chunks(_block_count(tile), numel), *self.sources, self.geo, self.runs,
                     np.array(tile, dtype=np.int64), layout, out.numpy())  # fmt: skip
         return out.view(shape)
 
@@ -431,79 +1014,186 @@ class _Problem:
         """The tile as an NCHW view (channels-last memory) of E[nb, rb*kh, wb*kw, C]."""
         _, _, _, nb, rb, wb = tile
         c, kw = self.channels, self.kw
-        layout = np.array([self.kh * wb * kw * c, kw * c, wb * kw * c, c, self.cw], np.int64)
+        layout = np.array([self.kh * wb * kw * c, kw * c, wb * kw * c, c, self.cw, 1], np.int64)
         return self.sample(tile, (nb, rb * self.kh, wb * kw, c), layout).permute(0, 3, 1, 2)
 
     def column_layout(self, tile):
         """Layout of cols[P, wg, kh*kw*cw], P = the tile's positions (n, row, column)."""
         wb = tile[5]
         k, c, cw = self.taps, self.channels, self.cw
-        return np.array([wb * k * c, k * c, self.kw * cw, cw, k * cw], np.int64)
+        return np.array([wb * k * c, k * c, self.kw * cw, cw, k * cw, 1], np.int64)
 
     def columns(self, tile):
         nb, rb, wb = tile[3:]
         shape = (nb * rb * wb, self.weight_groups, self.taps * self.cw)
         return self.sample(tile, shape, self.column_layout(tile))
 
+    def group_columns(self, tile, channel_major=False):
+        """The tile's column matrix of each weight group, contiguous: cols[wg, P, kh*kw*cw], a
+        row (tap, channel) in ``weight.permute(0, 2, 3, 1)``'s order, or with ``channel_major``
+        (channel, tap), ``weight``'s own order (then the weight needs no reordering)."""
+        nb, rb, wb = tile[3:]
+        positions, k, cw = nb * rb * wb, self.taps, self.cw
+        if channel_major:
+            layout = [wb * k * cw, k * cw, self.kw, 1, positions * k * cw, k]
+        else:
+            layout = [wb * k * cw, k * cw, self.kw * cw, cw, positions * k * cw, 1]
+        return self.sample(tile, (self.weight_groups, positions, k * cw), np.array(layout, np.int64))
+
+    def weight_matrix(self, weight):
+        """The weight as [wg, Cout/wg, kh*kw*cw], matching the column layout."""
+        wg = self.weight_groups
+        shape = (wg, self.out_channels // wg, self.taps * self.cw)
+        return weight.detach().permute(0, 2, 3, 1).reshape(shape)
+
+
+def _forward_gemm(p: _Problem) -> bool:
+    """Whether the forward multiplies column matrices (oneDNN's matmul) rather than convolving
+    the expanded image (oneDNN's convolution with stride = kernel).
+
+    Measured on the benchmark's shapes (2-core AMD EPYC, single thread, forward vs F.conv2d):
+    the matmul is as fast or faster on every one of them, by 3-8 % on large maps and by up to 3x
+    on small ones (a ResNet-50's conv5 at batch 1: 0.92x against 3.31x), where the strided
+    convolution finds too little work per weight; in float64 the convolution falls back to a slow
+    generic kernel. The expanded image stays for ``FORWARD_GEMM = "expanded"`` (tested)."""
+    if FORWARD_GEMM != "auto":
+        return FORWARD_GEMM == "gemm"
+    return True
+
+
+#: Forces the column order of the forward's GEMM: "channel" or "tap" major; "auto" decides.
+COLUMN_ORDER = "auto"
+
+
+def _channel_major(p: _Problem, weight) -> bool:
+    """Whether the forward's columns follow the weight's memory order (channel, tap) instead of
+    the sampler's natural (tap, channel): a weight in NCHW order then needs no reordering. In a
+    network the weight is cold in cache at every call, and reordering it costs more than the
+    sampler's strided writes (about three times its contiguous ones) unless the columns far
+    outweigh it (measured: a ResNet-50's conv4 at batch 1 spent 1.5 ms per call reordering a
+    2.4 MB weight)."""
+    if COLUMN_ORDER != "auto":
+        return COLUMN_ORDER == "channel"
+    if weight.permute(0, 2, 3, 1).is_contiguous():  # a channels-last weight: tap major is free
+        return False
+    positions = max((t[3] * t[4] * t[5] for t in p.tiles), default=0)
+    return 2 * p.out_channels >= positions
+
+
+try:
+    _onednn_linear = torch.ops.mkldnn._linear_pointwise
+except (AttributeError, RuntimeError):  # a torch built without oneDNN
+    _onednn_linear = None
+
+#: Longest reduction handed to oneDNN's matmul: beyond it, with few rows and columns, oneDNN
+#: splits the reduction between threads, and the result would depend on their number.
+ONEDNN_MAX_REDUCTION = 16384
+
+
+def _onednn(a, reduction: int) -> bool:
+    """Whether oneDNN's matmul runs a GEMM of ``a``'s dtype over ``reduction`` terms."""
+    return _onednn_linear is not None and a.dtype == torch.float32 and reduction <= ONEDNN_MAX_REDUCTION
+
+
+def _matmul(a, w, bias=None):
+    """``a @ w.T (+ bias)`` for a [M, K] and w [N, K]: oneDNN's matmul where it is exact across
+    thread counts (float32, K not too long), else BLAS. On AMD CPUs the BLAS torch ships (MKL)
+    runs a slower code path, so oneDNN is worth a good deal on narrow outputs."""
+    if _onednn(a, a.shape[1]):
+        return _onednn_linear(a, w, bias, "none", [], "")
+    return torch.mm(a, w.t()) if bias is None else torch.addmm(bias, a, w.t())
+
 
 def forward(input, offset, weight, bias, stride, padding, dilation, mask):
-    p = _Problem(input, offset, weight, stride, padding, dilation, mask)
-    out = torch.empty((input.shape[0], p.out_channels, p.out_h, p.out_w), dtype=input.dtype)
+    budget = max(FORWARD_TILE_BYTES, 8 * weight.numel() * weight.element_size())
+    p = _Problem(input, offset, weight, stride, padding, dilation, mask, budget)
+    cout = p.out_channels
+    shape = (input.shape[0], cout, p.out_h, p.out_w)
+    memory_format = torch.channels_last if p.channels_last else torch.contiguous_format
     w = weight.detach()
     b = bias.detach() if bias is not None else None
+    gemm = _forward_gemm(p)
+    wg, cog = p.weight_groups, cout // p.weight_groups
+    if gemm:
+        channel_major = _channel_major(p, w)
+        w_mat = w.reshape(wg, cog, p.cw * p.taps) if channel_major else p.weight_matrix(w)
+        w_mat = w_mat.contiguous()
+    out = None
     for tile in p.tiles:
         n0, r0, c0, nb, rb, wb = tile
-        res = F.conv2d(p.expanded_image(tile), w, b, stride=(p.kh, p.kw), groups=p.weight_groups)
+        if gemm:
+            cols = p.group_columns(tile, channel_major)
+            parts = [_matmul(cols[gw], w_mat[gw], None if b is None else b[gw * cog : (gw + 1) * cog])
+                     for gw in range(wg)]  # fmt: skip
+            res = parts[0] if wg == 1 else torch.cat(parts, dim=1)
+            res = res.view(nb, rb, wb, cout).permute(0, 3, 1, 2)
+        else:
+            res = F.conv2d(p.expanded_image(tile), w, b, stride=(p.kh, p.kw), groups=wg)
+        if len(p.tiles) == 1:
+            return res.contiguous(memory_format=memory_format)
+        if out is None:
+            out = torch.empty(shape, dtype=p.dtype, memory_format=memory_format)
         out[n0 : n0 + nb, :, r0 : r0 + rb, c0 : c0 + wb] = res
+    if out is None:  # an empty batch
+        out = torch.empty(shape, dtype=p.dtype, memory_format=memory_format)
     return out
 
 
 def backward(grad_out, input, offset, weight, stride, padding, dilation, mask, need):
     """Gradients (input, offset, weight, mask) for the flags in ``need``; None where not needed."""
     need_input, need_offset, need_weight, need_mask = need
-    need_cols = need_input or need_offset or need_mask
-    p = _Problem(input, offset, weight, stride, padding, dilation, mask)
+    need_taps = need_input or need_offset or need_mask
+    p = _Problem(input, offset, weight, stride, padding, dilation, mask, BACKWARD_TILE_BYTES)
     wg, cog = p.weight_groups, p.out_channels // p.weight_groups
-    # weight as [wg, Cout/wg, kh*kw*cw], matching the column layout
-    w_mat = weight.detach().permute(0, 2, 3, 1).reshape(wg, cog, p.taps * p.cw)
+    w_mat = p.weight_matrix(weight)
     grad_w_mat = torch.zeros_like(w_mat) if need_weight else None
-    grad_inp = torch.zeros(p.inp_cl.shape, dtype=p.dtype) if need_input else None
+    grad_pad = torch.zeros(p.pad.shape, dtype=p.dtype) if need_input else None
     grad_offset = torch.empty(offset.shape, dtype=p.dtype)
     # without a mask its gradient is computed into a scratch buffer and dropped
     grad_mask = torch.empty(offset[:, : offset.shape[1] // 2].shape, dtype=p.dtype)
     grad_out = grad_out.detach()
+    w_t = None  # the weight as [kh*kw*cw, Cout], for oneDNN
     for tile in p.tiles:
         n0, r0, c0, nb, rb, wb = tile
         positions = nb * rb * wb
         # [P, Cout] in the column order (n, row, column)
         g = grad_out[n0 : n0 + nb, :, r0 : r0 + rb, c0 : c0 + wb].permute(0, 2, 3, 1)
         g = g.reshape(positions, p.out_channels)
-        if need_weight:
+        shape = (positions, wg, p.taps * p.cw)
+        if need_taps:
+            # oneDNN wants the weight transposed: worth it unless the weight outweighs the tile
+            if wg == 1 and positions >= p.out_channels and _onednn(g, p.out_channels):
+                if w_t is None:
+                    w_t = w_mat[0].t().contiguous()
+                gc = _matmul(g, w_t).view(shape)
+            else:
+                gc = _scratch("grad_samples", math.prod(shape), p.dtype).view(shape)
+                for gw in range(wg):
+                    torch.mm(g[:, gw * cog : (gw + 1) * cog], w_mat[gw], out=gc[:, gw])
+            cols = _scratch("samples", math.prod(shape), p.dtype).view(shape) if need_weight else gc
+            tile_np, layout = np.array(tile, dtype=np.int64), p.column_layout(tile)
+            gc_np = gc.numpy().reshape(-1)
+            item_rows = np.empty(2 * nb * rb, dtype=np.int64)
+            blocks = _block_count(tile)
+            _run(_backward_taps, num_chunks(blocks, gc.numel()), *p.sources, p.geo, p.runs,
+                        tile_np, layout, gc_np, need_weight, cols.numpy().reshape(-1),
+                        grad_offset.numpy().reshape(-1), grad_mask.numpy().reshape(-1),
+                        item_rows)  # fmt: skip
+            if need_input:
+                _run(_backward_input, num_chunks(nb * (p.geo[_H] + 3), gc.numel()),
+                            *p.sources[1:], p.geo, p.runs, tile_np, layout, gc_np, item_rows,
+                            grad_pad.numpy().reshape(-1))  # fmt: skip
+        elif need_weight:
             cols = p.columns(tile)
+        if need_weight:
             for gw in range(wg):
                 grad_w_mat[gw].addmm_(g[:, gw * cog : (gw + 1) * cog].t(), cols[:, gw])
-        if not need_cols:
-            continue
-        shape = (positions, wg, p.taps * p.cw)
-        gc = _scratch("grad_samples", math.prod(shape), p.dtype).view(shape)
-        if wg == 1:
-            torch.mm(g, w_mat[0], out=gc[:, 0])
-        else:
-            for gw in range(wg):
-                gc[:, gw] = g[:, gw * cog : (gw + 1) * cog] @ w_mat[gw]
-        tile_np, layout, gc_np = np.array(tile, dtype=np.int64), p.column_layout(tile), gc.numpy().reshape(-1)
-        tap_count = positions * p.taps * p.offset_groups
-        tap_corner = np.empty(2 * tap_count, dtype=np.int64)
-        tap_weight = np.empty(4 * tap_count, dtype=gc_np.dtype)
-        item_rows = np.empty(2 * nb * rb, dtype=np.int64)
-        run_chunked(_backward_offset, num_chunks(nb * rb, gc.numel()), *p.sources, p.geo, p.runs, tile_np, layout,
-                    gc_np, grad_offset.numpy().reshape(-1), grad_mask.numpy().reshape(-1),
-                    tap_corner, tap_weight, item_rows)  # fmt: skip
-        if need_input:
-            run_chunked(_backward_input, num_chunks(nb * p.geo[1], gc.numel()), p.geo, p.runs, tile_np, layout,
-                        gc_np, tap_corner, tap_weight, item_rows,
-                        grad_inp.numpy().reshape(-1))  # fmt: skip
-    grad_input = grad_inp.permute(0, 3, 1, 2).contiguous() if need_input else None
+    grad_input = None
+    if need_input:
+        height, width = input.shape[-2:]
+        grad_input = grad_pad[:, 1 : height + 1, 1 : width + 1].permute(0, 3, 1, 2)
+        grad_input = grad_input.contiguous(
+            memory_format=torch.channels_last if p.channels_last else torch.contiguous_format)
     grad_weight = None
     if need_weight:
         grad_weight = grad_w_mat.reshape(p.out_channels, p.kh, p.kw, p.cw).permute(0, 3, 1, 2)

@@ -1,0 +1,199 @@
+"""deform_conv2d's CPU kernel, path by path: every way the forward can multiply (the expanded-image
+convolution, the plain GEMM with columns in tap or channel order, oneDNN's matmul or BLAS) and
+every backward subset, held to the reference in float32 and float64, by gradcheck, and for
+bit-identical results across thread counts; plus the layouts (channels last in, channels last out).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import assert_close
+from deformable.ops import _deform_conv_cpu, deform_conv2d, reference
+from deformable.ops.deform_conv import output_size
+
+TENSORS = ("input", "offset", "weight", "bias", "mask")
+
+#: (FORWARD_GEMM, COLUMN_ORDER) of each forward path
+PATHS = {"expanded": ("expanded", "auto"), "gemm_tap": ("gemm", "tap"),
+         "gemm_channel": ("gemm", "channel")}  # fmt: skip
+
+
+def make(batch=2, channels=6, height=9, width=8, out_channels=4, kernel=(3, 2), stride=(2, 1),
+         padding=(1, 0), dilation=(2, 1), weight_groups=2, offset_groups=3, *,
+         dtype=torch.float64, offset_scale=2.0, modulated=True, bias=True):  # fmt: skip
+    kh, kw = kernel
+    out_h = output_size(height, kh, stride[0], padding[0], dilation[0])
+    out_w = output_size(width, kw, stride[1], padding[1], dilation[1])
+    return dict(
+        input=torch.randn(batch, channels, height, width, dtype=dtype),
+        offset=offset_scale * torch.randn(batch, 2 * offset_groups * kh * kw, out_h, out_w, dtype=dtype),
+        weight=torch.randn(out_channels, channels // weight_groups, kh, kw, dtype=dtype),
+        bias=torch.randn(out_channels, dtype=dtype) if bias else None,
+        mask=torch.rand(batch, offset_groups * kh * kw, out_h, out_w, dtype=dtype) if modulated else None,
+        stride=stride, padding=padding, dilation=dilation,
+    )  # fmt: skip
+
+
+CONFIGS = {
+    "lopsided": {},
+    "groups_cross": dict(channels=12, offset_groups=3, weight_groups=4, out_channels=8),
+    "offset_groups_4_dilation_2": dict(channels=16, offset_groups=4, weight_groups=1, kernel=(3, 3),
+                                       stride=(1, 1), padding=(2, 2), dilation=(2, 2), height=10,
+                                       width=11),  # fmt: skip
+    "kernel_5x5": dict(kernel=(5, 5), stride=(1, 2), padding=(2, 2), dilation=(1, 1), height=11,
+                       width=10, weight_groups=1, offset_groups=1),  # fmt: skip
+    "wide_channels": dict(channels=40, out_channels=24, weight_groups=1, offset_groups=1,
+                          kernel=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1)),  # fmt: skip
+    # channel loops specialised for 16, 32 and 64 channels per offset group (one run each)
+    "width_16": dict(channels=16, out_channels=8, weight_groups=1, offset_groups=1),
+    "width_32_two_groups": dict(channels=64, out_channels=8, weight_groups=2, offset_groups=2,
+                                height=7, width=6),  # fmt: skip
+    "width_64": dict(channels=64, out_channels=8, weight_groups=1, offset_groups=1, height=7,
+                     width=6),  # fmt: skip
+    "batch_odd": dict(batch=5, weight_groups=1, offset_groups=1),
+    "far_outside": dict(offset_scale=50.0),
+    "v1_no_bias": dict(modulated=False, bias=False),
+}
+
+
+@pytest.fixture(params=PATHS.keys())
+def path(request, monkeypatch):
+    forward_gemm, column_order = PATHS[request.param]
+    monkeypatch.setattr(_deform_conv_cpu, "FORWARD_GEMM", forward_gemm)
+    monkeypatch.setattr(_deform_conv_cpu, "COLUMN_ORDER", column_order)
+    return request.param
+
+
+def grads_of(fn, args, grad_out=None):
+    leaves = {k: (v.detach().clone().requires_grad_() if k in TENSORS and v is not None else v)
+              for k, v in args.items()}  # fmt: skip
+    out = fn(**leaves)
+    if grad_out is None:
+        grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    return out, {k: leaves[k].grad for k in TENSORS if leaves[k] is not None}, grad_out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
+def test_matches_reference(path, config, dtype):
+    args = make(dtype=dtype, **config)
+    out, grads, grad_out = grads_of(deform_conv2d, args)
+    expected, expected_grads, _ = grads_of(reference.deform_conv2d, args, grad_out)
+    assert_close(out, expected, what="output")
+    for name, grad in expected_grads.items():
+        assert_close(grads[name], grad, what=f"grad of {name}")
+
+
+@pytest.mark.parametrize("modulated", [False, True])
+def test_gradcheck(path, modulated):
+    args = make(batch=2, channels=4, height=6, width=5, out_channels=2, weight_groups=2,
+                offset_groups=2, modulated=modulated, offset_scale=1.5)  # fmt: skip
+    names = [k for k in TENSORS if args[k] is not None]
+
+    def fn(*tensors):
+        return deform_conv2d(**{**args, **dict(zip(names, tensors))})
+
+    inputs = tuple(args[k].requires_grad_() for k in names)
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6, nondet_tol=0.0)
+
+
+def test_gradcheck_specialised_width(path):
+    """16 channels per group: the smallest of the channel loops unrolled as whole vectors."""
+    args = make(batch=1, channels=16, height=4, width=4, out_channels=2, weight_groups=1,
+                offset_groups=1, kernel=(2, 2), stride=(1, 1), padding=(1, 0), dilation=(1, 1),
+                offset_scale=1.5)  # fmt: skip
+    names = [k for k in TENSORS if args[k] is not None]
+
+    def fn(*tensors):
+        return deform_conv2d(**{**args, **dict(zip(names, tensors))})
+
+    inputs = tuple(args[k].requires_grad_() for k in names)
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6, nondet_tol=0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_thread_count_does_not_change_results(path, dtype):
+    """Big enough that oneDNN, BLAS and the kernels all split their work between threads."""
+    args = make(dtype=dtype, batch=2, channels=64, height=14, width=14, out_channels=96,
+                kernel=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1), weight_groups=1,
+                offset_groups=2)  # fmt: skip
+    before = torch.get_num_threads()
+    runs = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            runs.append(grads_of(deform_conv2d, args, runs[0][2] if runs else None))
+    finally:
+        torch.set_num_threads(before)
+    (out, grads, _), others = runs[0], runs[1:]
+    for other, other_grads, _ in others:
+        assert torch.equal(other, out)
+        for name in grads:
+            assert torch.equal(other_grads[name], grads[name]), name
+
+
+def test_blas_where_onednn_is_not_exact(monkeypatch):
+    """Past ONEDNN_MAX_REDUCTION the float32 GEMMs run on BLAS: same results."""
+    monkeypatch.setattr(_deform_conv_cpu, "FORWARD_GEMM", "gemm")
+    args = make(dtype=torch.float32, **CONFIGS["wide_channels"])
+    onednn = deform_conv2d(**args)
+    monkeypatch.setattr(_deform_conv_cpu, "ONEDNN_MAX_REDUCTION", 0)
+    assert_close(deform_conv2d(**args), onednn)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_channels_last_in_channels_last_out(path, dtype):
+    """A channels-last input gives a channels-last output and input gradient (as F.conv2d), with
+    the values of the NCHW run; an NCHW input gives contiguous ones."""
+    args = make(dtype=dtype, **CONFIGS["wide_channels"])
+    out, grads, grad_out = grads_of(deform_conv2d, args)
+    assert out.is_contiguous() and grads["input"].is_contiguous()
+    cl = dict(args, input=args["input"].contiguous(memory_format=torch.channels_last))
+    out_cl, grads_cl, _ = grads_of(deform_conv2d, cl, grad_out)
+    assert out_cl.is_contiguous(memory_format=torch.channels_last) and not out_cl.is_contiguous()
+    assert grads_cl["input"].is_contiguous(memory_format=torch.channels_last)
+    assert_close(out_cl, out)
+    for name, grad in grads.items():
+        assert_close(grads_cl[name], grad, what=f"grad of {name}")
+
+
+@pytest.mark.parametrize("budget", [1, 700, 5000])
+def test_tiling_is_exact(path, monkeypatch, budget):
+    args = make(batch=3, height=12, width=11)
+    expected, expected_grads, grad_out = grads_of(deform_conv2d, args)
+    monkeypatch.setattr(_deform_conv_cpu, "TILE_BYTES", budget)
+    out, grads, _ = grads_of(deform_conv2d, args, grad_out)
+    assert_close(out, expected)
+    for name, grad in expected_grads.items():
+        assert_close(grads[name], grad, what=f"grad of {name}")
+
+
+@pytest.mark.parametrize("wanted", ["input", "offset", "weight", "mask", "bias"])
+def test_backward_of_one_input(wanted):
+    """Each gradient alone (the kernel skips the passes the others need) equals the reference's."""
+    args = make(dtype=torch.float64)
+    leaves = {k: (args[k].detach().clone().requires_grad_(k == wanted) if args[k] is not None else None)
+              for k in TENSORS}  # fmt: skip
+    out = deform_conv2d(**{**args, **leaves})
+    grad_out = torch.randn_like(out)
+    (grad,) = torch.autograd.grad(out, leaves[wanted], grad_out)
+    expected = dict(args)
+    expected[wanted] = args[wanted].detach().clone().requires_grad_()
+    (expected_grad,) = torch.autograd.grad(reference.deform_conv2d(**expected), expected[wanted],
+                                           grad_out)  # fmt: skip
+    assert_close(grad, expected_grad)
+
+
+def test_inference_shapes_choose_the_gemm_in_weight_order():
+    """Batch-1 maps of a ResNet-50's conv5 (big weight, 49 positions): the GEMM with columns in
+    the weight's own (channel, tap) order, so the weight is used as it is."""
+    x, offset = torch.randn(1, 512, 7, 7), torch.randn(1, 18, 7, 7)
+    weight = torch.randn(512, 512, 3, 3)
+    p = _deform_conv_cpu._Problem(x, offset, weight, (1, 1), (1, 1), (1, 1), None)
+    assert _deform_conv_cpu._forward_gemm(p) and _deform_conv_cpu._channel_major(p, weight)
+    # a channels-last weight is already in (tap, channel) order
+    weight_cl = weight.contiguous(memory_format=torch.channels_last)
+    assert not _deform_conv_cpu._channel_major(p, weight_cl)
