@@ -279,13 +279,8 @@ def _backward_numba(grad_out, input, offset, weight, bias, stride, padding, dila
                     mask, output_mask):  # fmt: skip
     originals = (input, offset, weight, bias, mask)
     (grad_out, input, offset, weight, mask), _ = upcast(grad_out, input, offset, weight, mask)
-    need_input, need_offset, need_weight, need_bias, need_mask = (bool(m) for m in output_mask)
-    need_mask = need_mask and mask is not None
-    grad_input, grad_offset, grad_weight, grad_mask = _deform_conv_cpu.backward(
-        grad_out, input, offset, weight, stride, padding, dilation, mask,
-        (need_input, need_offset, need_weight, need_mask))  # fmt: skip
-    grad_bias = grad_out.sum((0, 2, 3)) if need_bias and bias is not None else None
-    return _pack_grads([grad_input, grad_offset, grad_weight, grad_bias, grad_mask], originals)
+    return _backward_fused(_deform_conv_cpu.backward, originals, grad_out, input, offset, weight,
+                           bias, (stride, padding, dilation), mask, output_mask)  # fmt: skip
 
 
 def _backward_triton(grad_out, input, offset, weight, bias, stride, padding, dilation,
@@ -295,11 +290,20 @@ def _backward_triton(grad_out, input, offset, weight, bias, stride, padding, dil
                                    dilation, mask, output_mask)  # fmt: skip
     from deformable.ops import _triton_conv
 
-    originals = (input, offset, weight, bias, mask)
+    # float16 / bfloat16 natively, like the forward
+    return _backward_fused(_triton_conv.backward, (input, offset, weight, bias, mask), grad_out,
+                           input, offset, weight, bias, (stride, padding, dilation), mask,
+                           output_mask)  # fmt: skip
+
+
+def _backward_fused(backward, originals, grad_out, input, offset, weight, bias, geometry, mask,
+                    output_mask):  # fmt: skip
+    """A fused kernel set's ``backward`` (input, offset, weight and mask gradients in one call)
+    plus the bias gradient, each in the dtype of its tensor in ``originals``."""
     need_input, need_offset, need_weight, need_bias, need_mask = (bool(m) for m in output_mask)
     need_mask = need_mask and mask is not None
-    grad_input, grad_offset, grad_weight, grad_mask = _triton_conv.backward(
-        grad_out, input, offset, weight, stride, padding, dilation, mask,
+    grad_input, grad_offset, grad_weight, grad_mask = backward(
+        grad_out, input, offset, weight, *geometry, mask,
         (need_input, need_offset, need_weight, need_mask))  # fmt: skip
     grad_bias = grad_out.sum((0, 2, 3)) if need_bias and bias is not None else None
     return _pack_grads([grad_input, grad_offset, grad_weight, grad_bias, grad_mask], originals)
