@@ -57,3 +57,11 @@ def test_shape_sets():
     assert conv.Shape(1, 512, 512, 7, 7) in conv.SHAPE_SETS["regimes"]
     assert conv.Shape(2, 128, 128, 28, 28, dilation=2, offset_groups=4).padding == 2
     assert conv.Shape(2, 64, 64, 32, 32, kernel=5).label == "2, 64, 64, 32, 32, 5x5"
+
+
+def test_table_without_torchvision_has_no_ratio_for_it():
+    row = {"shape": list(conv.Shape(1, 8, 8, 12, 12)), "conv2d_fwd_ms": 2.0, "ours_fwd_x": 1.5,
+           "conv2d_fwdbwd_ms": 4.0, "ours_fwdbwd_x": 2.0, "ours_extra_mib": 1.0}  # fmt: skip
+    mean = conv.markdown([row]).splitlines()[-1]
+    assert mean.startswith("| geometric mean |") and "—x" not in mean
+    assert mean.split(" | ")[1:5] == ["", "1.50x", "—", "—"]  # conv2d ms, ours, torchvision, ort

@@ -218,6 +218,10 @@ def _fmt(value, spec):
     return "—" if value is None else format(value, spec)
 
 
+def _ratio(value, spec):
+    return "—" if value is None else format(value, spec) + "x"
+
+
 def markdown(rows) -> str:
     columns = [("conv2d fwd ms", "conv2d_fwd_ms", ".2f"), ("ours fwd", "ours_fwd_x", ".2f"),
                ("torchvision fwd", "torchvision_fwd_x", ".2f"),
@@ -233,8 +237,8 @@ def markdown(rows) -> str:
         cells = [_fmt(row.get(key), spec) + ("x" if key.endswith("_x") and row.get(key) else "")
                  for _, key, spec in columns]  # fmt: skip
         lines.append(f"| {Shape(*row['shape']).label} | " + " | ".join(cells) + " |")
-    means = [_fmt(geometric_mean([r.get(key) for r in rows]), spec) + ("x" if key.endswith("_x") else "")
-             if key.endswith("_x") else "" for _, key, spec in columns]  # fmt: skip
+    means = [_ratio(geometric_mean([r.get(key) for r in rows]), spec) if key.endswith("_x") else ""
+             for _, key, spec in columns]  # fmt: skip
     lines.append("| geometric mean | " + " | ".join(means) + " |")
     return "\n".join(lines)
 
