@@ -186,6 +186,21 @@ def test_resnet_main_path():
         sampling_locations(net, image, "layer4.1.conv2", (1, 1))
 
 
+def test_depth_counts_convolutions_with_more_than_one_tap():
+    """A bottleneck's 1x1 convs keep points where they are: depth 3 of a ResNet-50's conv5 node
+    is its three last 3x3 convs (729 points), not conv3, conv2 and conv1 of its last block."""
+    from deformable.models import resnet50
+
+    net = resnet50(deform_stages=(5,), num_classes=2)
+    assert [n for n, _ in layer_chain(net)][-2:] == ["layer4.2.conv3", "layer4.2.bn3"]
+    points, _, _ = sampling_locations(net, torch.rand(3, 64, 64), node=(1, 1), depth=3)
+    assert points.shape == (729, 2)
+    # two stride-1 3x3 convs on conv5's map (32 pixels apart), then layer4.0.conv2, which holds
+    # the stride (torchvision's v1.5): its taps are on conv4's map, 16 pixels apart
+    assert counts(points)[(32, 32)] == 9
+    assert points.min().item() == 32 - 2 * 32 - 16 and points.max().item() == 32 + 2 * 32 + 16
+
+
 def test_exceptions():
     net = nn.Sequential(nn.Conv2d(1, 1, 3), nn.Upsample(scale_factor=2), nn.Conv2d(1, 1, 3))
     image = torch.rand(1, 10, 10)

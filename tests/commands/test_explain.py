@@ -24,10 +24,10 @@ def checkpoints(tmp_path_factory):
     return {v: str(out / f"{v}.pt") for v in ("regular", "dcnv2")}
 
 
-def assert_pngs(folder):
+def assert_pngs(folder, names=OUTPUTS):
     from PIL import Image
 
-    for name in OUTPUTS:
+    for name in names:
         path = os.path.join(folder, name)
         with open(path, "rb") as f:
             assert f.read(8) == PNG, name
@@ -64,7 +64,7 @@ def test_an_image_file_a_layer_and_a_node(checkpoints, tmp_path):
 
 @pytest.mark.parametrize("case, message", [
     ("missing_checkpoint", "checkpoint '{tmp}/nope.pt' does not exist"),
-    ("not_a_checkpoint", "cannot read checkpoint '{tmp}/text.pt'"),
+    ("not_a_checkpoint", "checkpoint '{tmp}/text.pt' cannot be read"),
     ("wrong_dict", "is not a checkpoint of `deformable demo`"),
     ("bad_layer", "--layer: layer 'features.99' is not in the model's layer chain; valid names: "),
     ("bad_index", "--index must be in [0, 450)"),
@@ -120,4 +120,154 @@ def test_explain_reads_a_train_checkpoint(tmp_path):
                        "--out", str(run), "--no-progress"]) == 0  # fmt: skip
     out = tmp_path / "explain"
     assert explain.main(["--checkpoint", str(run / "last.pt"), "--index", "3", "--out", str(out)]) == 0
+    assert (out / "explain.png").stat().st_size > 10_000
+
+
+# --- detectors: checkpoints of `deformable train detect` ----------------------------------------
+
+DETECTOR_OUTPUTS = ("explain.png", "backbone_sampling_locations.png", "backbone_receptive_field.png",
+                    "backbone_saliency.png", "roi_sampling_locations.png", "roi_receptive_field.png",
+                    "roi_saliency.png")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def detectors(tmp_path_factory):
+    """Checkpoints as `deformable train detect --image-size 64` writes them (the training loop's
+    keys, the run's model_spec and data folder), built with build_detector: a DCNv2 detector with
+    modulated deformable RoI pooling and small offsets (as after some training), a regular one
+    whose classifier favours class 1 (so it detects), and one that finds nothing (its classifier
+    always says background). 64-px generated scenes are their data."""
+    from deformable.data.scenes import CATEGORIES, generate_scenes
+    from deformable.engine import save_checkpoint
+    from deformable.models.build import build_detector
+    from deformable.nn import DeformConv2d
+
+    root = tmp_path_factory.mktemp("detect")
+    scenes = root / "scenes"
+    generate_scenes(str(scenes), "train", 2, size=64, max_objects=2)
+    generate_scenes(str(scenes), "val", 2, size=64, max_objects=2)
+    dcnv2 = {"task": "detect", "model": "fasterrcnn_resnet18_fpn", "deform_stages": [3, 4, 5],
+             "modulated": True, "roi_pool": "mdeform", "mimic": False, "mimic_crop_size": 64,
+             "mimic_rois_per_image": 8, "image_size": 64, "num_classes": len(CATEGORIES) + 1,
+             "classes": CATEGORIES}  # fmt: skip
+    regular = dict(dcnv2, deform_stages=[], modulated=False, roi_pool="align")
+    paths = {}
+    for name, spec in (("dcnv2", dcnv2), ("regular", regular), ("blind", regular)):
+        torch.manual_seed(0)
+        model = build_detector(spec)
+        with torch.no_grad():
+            for layer in model.modules():
+                if isinstance(layer, DeformConv2d):
+                    layer.conv_offset.weight.normal_(0, 0.002)
+            if name != "dcnv2":
+                model.roi_heads.box_predictor.cls_score.bias[1 if name == "regular" else 0] = 50.0
+        paths[name] = str(root / name / "last.pt")
+        save_checkpoint(paths[name], {"model": model.state_dict(), "optimizer": {}, "scheduler": {},
+                                      "rng": torch.get_rng_state(), "epoch": 0, "history": {},
+                                      "config": {}, "model_spec": spec, "data": str(scenes)})  # fmt: skip
+    paths["scenes"] = str(scenes)
+    return paths
+
+
+def image_size(path):
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.size
+
+
+def test_a_detector_checkpoint_draws_a_conv5_node_and_a_per_roi_node(detectors, tmp_path, capsys):
+    out = tmp_path / "one"
+    code = explain.main(["--checkpoint", detectors["dcnv2"], "--index", "1", "--box", "8", "10",
+                         "40", "30", "--out", str(out)])  # fmt: skip
+    assert code == 0
+    assert_pngs(out, DETECTOR_OUTPUTS)
+    width, height = image_size(out / "explain.png")
+    assert width > 4 * height  # one row: 3 views of the conv5 node, 3 of the per-RoI node
+    printed = capsys.readouterr().out
+    assert "RoI (8, 10, 40, 30): --box" in printed
+    assert "DCNv2 conv3-5 + mdeform RoI pooling" in printed
+    # the conv5 node nearest the box's centre (20, 24): conv5 node (y, x) is at (32 y, 32 x)
+    assert "backbone.body.layer4.1.conv2 node (1, 1): 729 sampling points" in printed
+    assert "per-RoI node: 7,056 points from 49 bins x 4 samples, P2" in printed
+
+
+def test_detector_checkpoints_side_by_side_at_the_first_ones_best_detection(detectors, tmp_path, capsys):
+    out = tmp_path / "two"
+    code = explain.main(["--checkpoint", detectors["regular"], detectors["dcnv2"],
+                         "--error-bound", "0.5", "--out", str(out)])  # fmt: skip
+    assert code == 0
+    assert_pngs(out, DETECTOR_OUTPUTS)
+    width, height = image_size(out / "explain.png")
+    assert 1.5 * height < width < 3.5 * height  # two rows
+    one_view = image_size(out / "roi_saliency.png")
+    assert one_view[0] > 1.5 * one_view[1]  # the two models side by side
+    printed = capsys.readouterr().out
+    assert "most confident detection: 0, score 1.00" in printed  # class 1 is the digit "0"
+    assert printed.count("per-RoI node: ") == 2
+
+
+@pytest.mark.parametrize("case, message", [
+    ("box_outside", "--box (8, 10, 80, 30) is not inside the 64x64 image"),
+    ("box_reversed", "--box (40, 10, 8, 30) is not inside the 64x64 image"),
+    ("no_detection", "regular: no detection in the image"),
+    ("classifier", "holds a classify model 'resnet18'; explain draws DigitNet checkpoints"),
+    ("rfcn", "holds an R-FCN ('rfcn_resnet18'), which has no 2fc box head"),
+    ("two_kinds", "the checkpoints hold different kinds of network (detector, digitnet)"),
+    ("unreadable_image", "cannot read image '{tmp}/text.png'"),
+    ("missing_data", "the checkpoint's data folder '{tmp}/gone' does not exist"),
+    ("bad_index", "--index must be in [0, 2) (the validation images of"),
+    ("bad_node", "--node: node (5, 0) is outside the layer's 2x2 output map"),
+    ("box_for_digits", "--box is for detector checkpoints"),
+])  # fmt: skip
+def test_bad_detector_input_is_an_error_naming_it(detectors, checkpoints, tmp_path, capsys, case,
+                                                  message):  # fmt: skip
+    from deformable.engine import load_checkpoint
+
+    (tmp_path / "text.png").write_text("not an image")
+    if case in ("classifier", "rfcn", "missing_data"):
+        state = {k: v for k, v in load_checkpoint(detectors["regular"]).items() if k != "optimizer"}
+        if case == "classifier":
+            state["model_spec"] = {"model": "resnet18", "num_classes": 3, "deform_stages": [],
+                                   "modulated": False, "image_size": 32}  # fmt: skip
+        elif case == "rfcn":
+            state["model_spec"] = dict(state["model_spec"], model="rfcn_resnet18")
+        else:
+            state["data"] = str(tmp_path / "gone")
+        torch.save(state, tmp_path / "other.pt")
+    box = ["--box", "8", "10", "40", "30"]
+    argv = {
+        "box_outside": ["--checkpoint", detectors["regular"], "--box", "8", "10", "80", "30"],
+        "box_reversed": ["--checkpoint", detectors["regular"], "--box", "40", "10", "8", "30"],
+        "no_detection": ["--checkpoint", detectors["blind"]],
+        "classifier": ["--checkpoint", str(tmp_path / "other.pt")],
+        "rfcn": ["--checkpoint", str(tmp_path / "other.pt")],
+        "two_kinds": ["--checkpoint", detectors["regular"], checkpoints["regular"]],
+        "unreadable_image": ["--checkpoint", detectors["regular"], "--image", str(tmp_path / "text.png")],
+        "missing_data": ["--checkpoint", str(tmp_path / "other.pt")] + box,
+        "bad_index": ["--checkpoint", detectors["regular"], "--index", "2"] + box,
+        "bad_node": ["--checkpoint", detectors["regular"], "--node", "5", "0"] + box,
+        "box_for_digits": ["--checkpoint", checkpoints["regular"]] + box,
+    }[case]
+    assert explain.main(argv + ["--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("deformable explain: error: ") and err.count("\n") == 1
+    assert message.format(tmp=tmp_path) in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_rgb_image_file_of_another_size_is_resized_as_the_detector_does(detectors, tmp_path, capsys):
+    from PIL import Image
+
+    path = tmp_path / "wide.png"
+    pixels = torch.zeros(40, 160, 3, dtype=torch.uint8)
+    pixels[10:30, 20:60] = torch.tensor([250, 40, 40], dtype=torch.uint8)
+    Image.fromarray(pixels.numpy()).save(path)
+    out = tmp_path / "wide"
+    # the box in the file's pixels (160 x 40); the detector sees it at 64 x 16
+    code = explain.main(["--checkpoint", detectors["regular"], "--image", str(path), "--box", "20",
+                         "10", "60", "30", "--depth", "2", "--error-bound", "0.5", "--out",
+                         str(out)])  # fmt: skip
+    assert code == 0
+    assert "RoI (8, 4, 24, 12): --box" in capsys.readouterr().out
     assert (out / "explain.png").stat().st_size > 10_000

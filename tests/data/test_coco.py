@@ -58,6 +58,11 @@ def test_evaluation_of_perfect_and_shifted_detections(scenes):
                for t in truth]  # fmt: skip
     metrics = evaluate_coco(_Replay(perfect), data)
     assert metrics["AP"] == pytest.approx(1.0) and metrics["AP50"] == pytest.approx(1.0)
+    # a real detector's outputs: its own device, labels int64, boxes in whatever autocast made
+    half = [dict(p, boxes=p["boxes"].to(torch.bfloat16).float()) for p in perfect]
+    with_weights = _Replay(half)
+    with_weights.layer = torch.nn.Linear(1, 1)
+    assert evaluate_coco(with_weights, data)["AP50"] == pytest.approx(1.0)
     assert math.isnan(metrics["APl"])  # no large objects on a 64x64 canvas
     wrong = [dict(p, labels=p["labels"] % len(CATEGORIES) + 1) for p in perfect]
     assert evaluate_coco(_Replay(wrong), data)["AP"] == 0.0

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from deformable.data import TransformedDigits
-from deformable.engine import TrainConfig, checkpoint, fit, load_checkpoint, loop
+from deformable.engine import ConfigError, ResumeError, TrainConfig, checkpoint, fit, load_checkpoint, loop
 from deformable.models import DigitNet
 
 
@@ -52,7 +52,9 @@ def test_resume_with_another_config_is_refused(tmp_path):
     train_set, val_set = small_digits(32)
     fit(lambda: DigitNet("regular"), train_set, val_set, TrainConfig(epochs=1, batch_size=32),
         str(tmp_path), progress=False)  # fmt: skip
-    with pytest.raises(ValueError, match="resume: .* was trained with"):
+    with pytest.raises(ResumeError, match=r"other settings \(batch_size: 32 in the checkpoint, 64 now; "
+                                          r"epochs: 1 in the checkpoint, 2 now; "
+                                          r"lr: 0.002 in the checkpoint, 0.1 now\)"):
         fit(lambda: DigitNet("regular"), train_set, val_set, TrainConfig(epochs=2, lr=0.1),
             str(tmp_path), resume=True, progress=False)  # fmt: skip
 
@@ -68,3 +70,12 @@ def test_offset_learning_rates_keep_their_multiplier(tmp_path):
     assert set(rates) == {"base", "offset"}
     assert peaks == {"base": pytest.approx(1e-3), "offset": pytest.approx(1e-4)}
     assert rates["offset"] == pytest.approx(0.1 * rates["base"]) and rates["base"] > 0
+
+
+@pytest.mark.parametrize("field, value", [("lr", float("nan")), ("lr", 0.0), ("weight_decay", -1.0),
+                                          ("epochs", 0), ("batch_size", 2.5), ("seed", -1),
+                                          ("roi_offset_lr_mult", float("inf"))])  # fmt: skip
+def test_config_refuses_settings_that_cannot_work(field, value):
+    with pytest.raises(ConfigError, match=f"^{field} must be") as info:
+        TrainConfig(**{field: value})
+    assert info.value.field == field

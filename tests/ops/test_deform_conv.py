@@ -256,11 +256,20 @@ def test_offsets_on_the_image_border():
     x = torch.randn(1, 2, 4, 5, dtype=torch.float64)
     weight = torch.randn(3, 2, 1, 1, dtype=torch.float64)
     for value in (-1.0, -0.5, 3.0, 3.5, 4.0, 1e30, float("nan"), float("inf"), -float("inf")):
-        offset = torch.full((1, 2, 4, 5), value, dtype=torch.float64)
-        out = deform_conv2d(x, offset, weight)
-        assert torch.isfinite(out).all()
+        runs = {}
+        for kernel_set in ("numba", "reference"):  # the reference too: it runs on MPS, XPU, ...
+            offset = torch.full((1, 2, 4, 5), value, dtype=torch.float64, requires_grad=True)
+            with use_kernels(kernel_set):
+                out = deform_conv2d(x, offset, weight)
+                out.backward(torch.ones_like(out))
+            assert torch.isfinite(out).all() and torch.isfinite(offset.grad).all()
+            runs[kernel_set] = out.detach(), offset.grad
+        assert_close(runs["numba"][0], runs["reference"][0])
+        assert_close(runs["numba"][1], runs["reference"][1])
         if torch.isfinite(torch.tensor(value)) and abs(value) < 1e6:
-            assert_close(out, torchvision.ops.deform_conv2d(x, offset, weight))
+            assert_close(out, torchvision.ops.deform_conv2d(x, offset.detach(), weight))
+        else:
+            assert not runs["numba"][0].any() and not runs["numba"][1].any()
 
 
 class TestBadInput:

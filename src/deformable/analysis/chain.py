@@ -12,7 +12,13 @@ hooks and ``--layer`` options use). :func:`layer_chain` resolves it for
   **main path** of every residual block (``conv1``, ``conv2``, [``conv3``] with their norms).
   The shortcut (identity or strided 1x1 ``downsample``) is left out: it adds the block input
   at the node's own position, which the main path's centre tap already reaches, so the points
-  are the same but the shortcut's contribution to the weights is not counted.
+  are the same but the shortcut's contribution to the weights is not counted;
+- a model holding such a ResNet, e.g. a detector of :mod:`deformable.models.detection`
+  (``backbone.body``) or a DeepLab of :mod:`deformable.models.segmentation` (``backbone``): the
+  ResNet's main path, with the model's own module names (``backbone.body.layer4.1.conv2``). The
+  model must run the ResNet on the image it is given (a detector's transform normalises and
+  pads it: give it an image at the size that transform resizes to,
+  :func:`deformable.analysis.fit_image`).
 
 Anything else: pass the chain yourself (a list of module names, in forward order).
 """
@@ -27,7 +33,7 @@ from torch import Tensor, nn
 from deformable.nn import DeformConv2d, SpatialTransformer
 
 __all__ = ["layer_chain", "conv_layer_names", "default_layer", "run_to_layer", "most_active_node",
-           "SPATIAL_TYPES", "PASS_THROUGH_TYPES"]  # fmt: skip
+           "check_input_size", "resnet_inside", "SPATIAL_TYPES", "PASS_THROUGH_TYPES"]  # fmt: skip
 
 #: Layers that move sampling locations (and are handled by the analysis).
 SPATIAL_TYPES = (nn.Conv2d, DeformConv2d, nn.MaxPool2d, nn.AvgPool2d, SpatialTransformer)
@@ -59,6 +65,15 @@ def _flatten(prefix: str, module: nn.Module) -> Chain:
 
 def _is_resnet(model: nn.Module) -> bool:
     return all(hasattr(model, n) for n in ("conv1", "bn1", "maxpool", "layer1", "layer4"))
+
+
+def resnet_inside(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """``(name, module)`` of the first torchvision-style ResNet among ``model``'s submodules (a
+    detector's ``backbone.body``, a DeepLab's ``backbone``), or None."""
+    for name, module in model.named_modules():
+        if name and _is_resnet(module):
+            return name, module
+    return None
 
 
 def layer_chain(model: nn.Module, chain: Sequence[str] | None = None) -> Chain:
@@ -107,10 +122,14 @@ def layer_chain(model: nn.Module, chain: Sequence[str] | None = None) -> Chain:
                     if module is not None:
                         out.append((f"{stage}.{index}.{part}", module))
         return out
+    inside = resnet_inside(model)
+    if inside is not None:
+        prefix, body = inside
+        return [(f"{prefix}.{name}", module) for name, module in layer_chain(body)]
     raise TypeError(
         f"layer_chain: cannot resolve the layer chain of a {type(model).__name__} (supported: "
-        "nn.Sequential, a model with a `features` nn.Sequential, a torchvision-style ResNet); "
-        "pass chain=[module names in forward order]"
+        "nn.Sequential, a model with a `features` nn.Sequential, a torchvision-style ResNet or "
+        "a model holding one); pass chain=[module names in forward order]"
     )
 
 
@@ -159,6 +178,29 @@ def check_image(image: Tensor, where: str) -> Tensor:
     return image
 
 
+def check_input_size(model: nn.Module, image: Tensor, where: str) -> None:
+    """A ValueError if ``model`` resizes its input (a torchvision detector's transform) and
+    ``image`` is not at the size it resizes to: the analysis would then describe another image
+    than the one it is given."""
+    transform = getattr(model, "transform", None)
+    resize = getattr(transform, "resize", None)
+    if resize is None or not hasattr(transform, "min_size"):
+        return
+    training = transform.training
+    transform.eval()
+    try:
+        fitted, _ = resize(image[0].detach(), None)
+    finally:
+        transform.train(training)
+    if fitted.shape[-2:] != image.shape[-2:]:
+        raise ValueError(
+            f"{where}: the detector resizes a {image.shape[-2]}x{image.shape[-1]} image to "
+            f"{fitted.shape[-2]}x{fitted.shape[-1]}; pass the image at that size "
+            "(deformable.analysis.fit_image(detector, image)), so that every coordinate is a "
+            "pixel of the image given"
+        )
+
+
 class _Stop(Exception):
     """Raised by the node layer's hook to end the forward pass there."""
 
@@ -204,7 +246,9 @@ def run_to_layer(model: nn.Module, images: Tensor, layer_module: nn.Module,
     try:
         with _EvalMode(model):
             try:
-                model(images)
+                # on the model's device (a detector moved to a GPU, say); gradients reach `images`
+                first = next(model.parameters(), None)
+                model(images if first is None else images.to(first.device))
             except _Stop:
                 pass
     finally:

@@ -14,8 +14,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from deformable.analysis.chain import (check_image, check_node, layer_chain, most_active_node,
-                                       resolve_layer, run_to_layer)  # fmt: skip
+from deformable.analysis.chain import (check_image, check_input_size, check_node, layer_chain,
+                                       most_active_node, resolve_layer, run_to_layer)  # fmt: skip
 
 __all__ = ["ReceptiveField", "effective_receptive_field", "node_response"]
 
@@ -81,6 +81,7 @@ def effective_receptive_field(model: nn.Module, image: Tensor, layer: str | None
     """
     where = "effective_receptive_field"
     image = check_image(image, where)
+    check_input_size(model, image, where)
     path = layer_chain(model, chain)
     index = resolve_layer(path, layer)
     image = image.detach().clone().requires_grad_(True)

@@ -20,12 +20,13 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from deformable.analysis.chain import (check_image, check_node, layer_chain, most_active_node,
-                                       resolve_layer, run_to_layer)  # fmt: skip
+from deformable.analysis.chain import (check_image, check_input_size, check_node, layer_chain,
+                                       most_active_node, resolve_layer, run_to_layer)  # fmt: skip
 from deformable.analysis.receptive_field import effective_receptive_field, node_response
 from deformable.analysis.sampling import node_location
 
-__all__ = ["SaliencyRegion", "saliency_region", "GROW_MODES"]
+__all__ = ["SaliencyRegion", "saliency_region", "GROW_MODES", "check_region_settings",
+           "fill_background", "growing_masks", "grow_region"]
 
 GROW_MODES = ("square", "gradient")
 
@@ -98,7 +99,8 @@ def saliency_region(model: nn.Module, image: Tensor, layer: str | None = None,
             per channel. Default: 0.
         channel (int, optional): use this output channel only. Default: None (all channels).
         chain (List[str], optional): module names from the input to ``layer``, forward order.
-        batch_size (int): masked images per forward pass. Default: 32.
+        batch_size (int): the most masked images per forward pass (the first passes take 2, 4,
+            8, ...). Default: 32.
 
     Returns:
         SaliencyRegion: ``mask`` ``Tensor[H, W]`` (bool), its ``size`` in pixels, its relative
@@ -118,6 +120,35 @@ def saliency_region(model: nn.Module, image: Tensor, layer: str | None = None,
     """
     where = "saliency_region"
     image = check_image(image, where)
+    check_input_size(model, image, where)
+    step = check_region_settings(where, image, error_bound=error_bound, grow=grow, step=step,
+                                 batch_size=batch_size)  # fmt: skip
+    background = fill_background(where, image, fill)
+    path = layer_chain(model, chain)
+    index = resolve_layer(path, layer)
+    layer_module = path[index][1]
+    with torch.no_grad():
+        output, _ = run_to_layer(model, image, layer_module)
+    node = most_active_node(output) if node is None else check_node(node, output.shape, where)
+    reference = node_response(output, node, channel)[0]
+    centre, _ = node_location(model, image, path[index][0], node, chain=chain)
+    erf = None
+    if grow == "gradient":
+        erf = effective_receptive_field(model, image, path[index][0], node, channel=channel,
+                                        chain=chain).map  # fmt: skip
+
+    def respond(masked: Tensor) -> Tensor:
+        out, _ = run_to_layer(model, masked, layer_module)
+        return node_response(out, node, channel)
+
+    mask, error = grow_region(image, respond, reference, background,
+                              growing_masks(grow, image.shape[-2:], centre, step, erf),
+                              error_bound=error_bound, batch_size=batch_size)  # fmt: skip
+    return SaliencyRegion(mask, int(mask.sum()), error, node)
+
+
+def check_region_settings(where: str, image: Tensor, *, error_bound, grow, step, batch_size) -> int:
+    """Validate the search settings of a saliency region; returns ``step`` (its default filled in)."""
     if grow not in GROW_MODES:
         raise ValueError(f"{where}: grow must be one of {GROW_MODES}, got {grow!r}")
     if not isinstance(error_bound, (int, float)) or isinstance(error_bound, bool) or not (
@@ -130,52 +161,61 @@ def saliency_region(model: nn.Module, image: Tensor, layer: str | None = None,
         raise ValueError(f"{where}: step must be a positive int, got {step!r}")
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"{where}: batch_size must be a positive int, got {batch_size!r}")
+    return step
+
+
+def fill_background(where: str, image: Tensor, fill) -> Tensor:
+    """The image that masked-out pixels take their values from: ``fill`` everywhere, or the
+    image's mean per channel (``fill="mean"``)."""
     if isinstance(fill, str):
         if fill != "mean":
             raise ValueError(f"{where}: fill must be a number or 'mean', got {fill!r}")
-        background = image.mean(dim=(2, 3), keepdim=True).expand_as(image)
-    elif isinstance(fill, (int, float)) and not isinstance(fill, bool):
-        background = torch.full_like(image, float(fill))
-    else:
-        raise TypeError(f"{where}: fill must be a number or 'mean', got {fill!r}")
-    path = layer_chain(model, chain)
-    index = resolve_layer(path, layer)
-    layer_module = path[index][1]
-    with torch.no_grad():
-        output, _ = run_to_layer(model, image, layer_module)
-    node = most_active_node(output) if node is None else check_node(node, output.shape, where)
-    reference = node_response(output, node, channel)[0]
-    scale = reference.norm().clamp_min(1e-12)
+        return image.mean(dim=(2, 3), keepdim=True).expand_as(image)
+    if isinstance(fill, (int, float)) and not isinstance(fill, bool):
+        return torch.full_like(image, float(fill))
+    raise TypeError(f"{where}: fill must be a number or 'mean', got {fill!r}")
 
+
+def growing_masks(grow: str, shape, centre: tuple[float, float], step: int,
+                  erf: Tensor | None = None):  # fmt: skip
+    """The candidate regions, smallest first: squares centred on ``centre`` (y, x), or pixels in
+    decreasing order of ``erf`` (``[H, W]``; ties go to the pixel nearer ``centre``)."""
     if grow == "square":
-        centre, _ = node_location(model, image, path[index][0], node, chain=chain)
-        candidates = _square_masks((height, width), centre, step)
-    else:
-        erf = effective_receptive_field(model, image, path[index][0], node, channel=channel,
-                                        chain=chain).map  # fmt: skip
-        rows = torch.arange(height, dtype=torch.float64)[:, None]
-        cols = torch.arange(width, dtype=torch.float64)[None, :]
-        centre, _ = node_location(model, image, path[index][0], node, chain=chain)
-        distance = ((rows - centre[0]) ** 2 + (cols - centre[1]) ** 2).flatten()
-        # stable sort by distance, then by gradient: ties in the gradient go to the nearer pixel
-        by_distance = torch.argsort(distance, stable=True)
-        order = by_distance[torch.argsort(-erf.flatten()[by_distance].double(), stable=True)]
-        candidates = _gradient_masks(order, (height, width), step)
+        return _square_masks(shape, centre, step)
+    height, width = shape
+    rows = torch.arange(height, dtype=torch.float64)[:, None]
+    cols = torch.arange(width, dtype=torch.float64)[None, :]
+    distance = ((rows - centre[0]) ** 2 + (cols - centre[1]) ** 2).flatten()
+    # stable sort by distance, then by gradient: ties in the gradient go to the nearer pixel
+    by_distance = torch.argsort(distance, stable=True)
+    order = by_distance[torch.argsort(-erf.flatten()[by_distance].double(), stable=True)]
+    return _gradient_masks(order, (height, width), step)
 
+
+def grow_region(image: Tensor, respond, reference: Tensor, background: Tensor, candidates, *,
+                error_bound: float, batch_size: int) -> tuple[Tensor, float]:  # fmt: skip
+    """The first of ``candidates`` (bool masks ``[H, W]``) whose masked image gives a response
+    within ``error_bound`` (relative, L2) of ``reference``; ``respond(images [B, C, H, W])``
+    returns the responses ``[B, D]`` (at most ``batch_size`` images a call). Returns
+    ``(mask, error)``."""
+    scale = reference.norm().clamp_min(1e-12)
     last = None
+    size = 1
     while True:
-        batch = [m for _, m in zip(range(batch_size), candidates)]
+        # batches grow 2, 4, 8, ... up to batch_size: a small region costs a few passes, a large
+        # one at most about twice the passes it needs
+        size = min(2 * size, batch_size)
+        batch = [m for _, m in zip(range(size), candidates)]
         if not batch:
             break
         masks = torch.stack(batch)[:, None].to(image.device)  # [B, 1, H, W]
         masked = torch.where(masks, image, background)
         with torch.no_grad():
-            out, _ = run_to_layer(model, masked, layer_module)
-        errors = (node_response(out, node, channel) - reference).norm(dim=1) / scale
+            responses = respond(masked)
+        errors = (responses - reference).norm(dim=1) / scale
         for mask, error in zip(batch, errors.tolist()):
-            last = (mask, error)
+            last = (mask, float(error))
             if error <= error_bound:
-                return SaliencyRegion(mask, int(mask.sum()), float(error), node)
+                return last
     # only reachable through rounding: the full image is the last candidate
-    mask, error = last
-    return SaliencyRegion(mask, int(mask.sum()), float(error), node)
+    return last

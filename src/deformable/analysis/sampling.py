@@ -20,13 +20,14 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
-from deformable.analysis.chain import (PASS_THROUGH_TYPES, check_image, check_node, layer_chain,
-                                       most_active_node, resolve_layer, run_to_layer)  # fmt: skip
+from deformable.analysis.chain import (PASS_THROUGH_TYPES, check_image, check_input_size,
+                                       check_node, layer_chain, most_active_node, resolve_layer,
+                                       run_to_layer)  # fmt: skip
 from deformable.nn import DeformConv2d, DeformRoIPool, SpatialTransformer
 from deformable.ops.reference import bilinear_gather
 
 __all__ = ["SamplingLocations", "sampling_locations", "node_location", "RoiSamplingLocations",
-           "roi_sampling_locations", "POOL_MODES"]  # fmt: skip
+           "roi_sampling_locations", "roi_grid", "node_at", "propagate", "span_start", "POOL_MODES"]  # fmt: skip
 
 POOL_MODES = ("centre", "window")
 
@@ -97,7 +98,7 @@ def _step(name: str, module: nn.Module, points: Tensor, weights: Tensor, *, spre
         return points, weights
     if isinstance(module, SpatialTransformer):
         layer_input, out_shape = seen[module]
-        theta = module.theta(layer_input)[0].to(points.dtype)
+        theta = module.theta(layer_input)[0].to(points.device, points.dtype)
         return _stn_map(points, theta, layer_input.shape[-2:], out_shape[-2:]), weights
     if not isinstance(module, (nn.Conv2d, DeformConv2d, nn.MaxPool2d, nn.AvgPool2d)):
         raise ValueError(
@@ -120,32 +121,35 @@ def _step(name: str, module: nn.Module, points: Tensor, weights: Tensor, *, spre
     layer_input, _ = seen[module]
     offset, mask = module.offset_and_mask(layer_input)
     groups, count = module.offset_groups, taps.shape[0]
-    offset = _field_at(offset[0].to(points.dtype), points)  # [G*K*2, P]
+    offset = _field_at(offset[0].to(points.device, points.dtype), points)  # [G*K*2, P]
     offset = offset.reshape(groups, count, 2, -1).permute(3, 0, 1, 2)  # [P, G, K, 2]
     new = base[:, None, None, :] + taps[None, None] + offset
     factor = torch.full((points.shape[0], groups, count), 1.0 / groups, dtype=points.dtype)
     if mask is not None:
-        factor = factor * _field_at(mask[0].to(points.dtype), points).reshape(groups, count, -1
+        factor = factor * _field_at(mask[0].to(points.device, points.dtype), points).reshape(groups, count, -1
                                                                              ).permute(2, 0, 1)
     return new.reshape(-1, 2), (weights[:, None, None] * factor).reshape(-1)
 
 
 def _resolve(model, image, layer, chain, where):
     image = check_image(image, where)
+    check_input_size(model, image, where)
     resolved = layer_chain(model, chain)
     index = resolve_layer(resolved, layer)
     return image, resolved[: index + 1]
 
 
-def _span_start(path, depth, where) -> int:
-    """Index of the first layer propagated with all its taps (``depth`` convolutions back)."""
+def span_start(path, depth, where) -> int:
+    """Index of the first layer propagated with all its taps (``depth`` convolutions back,
+    counting those with more than one tap: a 1x1 conv keeps every point where it is)."""
     if depth is None:
         return 0
     if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
         raise ValueError(f"{where}: depth must be a positive int or None, got {depth!r}")
     seen = 0
     for i in range(len(path) - 1, -1, -1):
-        if isinstance(path[i][1], (nn.Conv2d, DeformConv2d)):
+        module = path[i][1]
+        if isinstance(module, (nn.Conv2d, DeformConv2d)) and _pair(module.kernel_size) != (1, 1):
             seen += 1
             if seen == depth:
                 return i
@@ -178,9 +182,10 @@ def sampling_locations(model: nn.Module, image: Tensor, layer: str | None = None
         node (Tuple[int, int], optional): ``(y, x)`` of the node in the layer's output map.
             Default: the position with the largest response (L2 norm over channels).
         depth (int, optional): propagate through the taps of the last ``depth`` convolutions up
-            to ``layer`` (DCNv1's figures use 3); the layers before them map each point to their
-            kernel's centre (offsets ignored), which places the points in the image. Default:
-            None, every layer.
+            to ``layer`` (DCNv1's figures use 3), not counting 1x1 convs (a bottleneck's 1x1
+            convs keep points where they are, so a ResNet-50 node reads ``9**depth`` points too);
+            the layers before them map each point to their kernel's centre (offsets ignored),
+            which places the points in the image. Default: None, every layer.
         pool (str): how a pool of kernel ``k`` and stride ``s`` maps a point: ``"centre"``
             (default) to the centre of its ``k x k`` window, ``s * p - padding + (k - 1) / 2``
             (the max / average is over the window, so its centre is where it reads on average;
@@ -216,13 +221,23 @@ def sampling_locations(model: nn.Module, image: Tensor, layer: str | None = None
     if pool not in POOL_MODES:
         raise ValueError(f"{where}: pool must be one of {POOL_MODES}, got {pool!r}")
     image, path = _resolve(model, image, layer, chain, where)
-    start = _span_start(path, depth, where)
+    start = span_start(path, depth, where)
     record = [m for _, m in path if isinstance(m, (DeformConv2d, SpatialTransformer))]
     output, seen = run_to_layer(model, image, path[-1][1], record)
     node = most_active_node(output) if node is None else check_node(node, output.shape, where)
     dtype = torch.float64 if image.dtype == torch.float64 else torch.float32
-    points = torch.tensor([node], dtype=dtype)
-    weights = torch.ones(1, dtype=dtype)
+    points, weights = propagate(path, torch.tensor([node], dtype=dtype), torch.ones(1, dtype=dtype),
+                                start=start, pool=pool, seen=seen, max_points=max_points,
+                                where=where)  # fmt: skip
+    return SamplingLocations(points, weights, node)
+
+
+def propagate(path, points: Tensor, weights: Tensor, *, start: int, pool: str, seen: dict,
+              max_points: int, where: str) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """Points ``[P, 2]`` (and weights ``[P]``) in the output of ``path``'s last layer → the
+    points its first layer reads, through every layer from the last to the first (those from
+    index ``start`` on with all their taps; see :func:`sampling_locations`). ``seen`` holds the
+    recorded input of every deformable layer and spatial transformer of ``path``."""
     for i in range(len(path) - 1, -1, -1):
         name, module = path[i]
         spread = i >= start
@@ -237,7 +252,7 @@ def sampling_locations(model: nn.Module, image: Tensor, layer: str | None = None
                     f"points (more than max_points={max_points:,}); pass a smaller depth="
                 )
         points, weights = _step(name, module, points, weights, spread=spread, pool=pool, seen=seen)
-    return SamplingLocations(points, weights, node)
+    return points, weights
 
 
 @torch.no_grad()
@@ -260,12 +275,44 @@ def node_location(model: nn.Module, image: Tensor, layer: str | None = None,
     record = [m for _, m in path if isinstance(m, SpatialTransformer)]
     output, seen = run_to_layer(model, image, path[-1][1], record)
     node = most_active_node(output) if node is None else check_node(node, output.shape, where)
+    return _centre(path, seen, node), node
+
+
+def _centre(path, seen, node) -> tuple[float, float]:
+    """The image location of ``node`` (any (y, x), even outside the map) through ``path``'s
+    kernel centres."""
     points = torch.tensor([node], dtype=torch.float64)
     weights = torch.ones(1, dtype=torch.float64)
     for name, module in reversed(path):
         points, weights = _step(name, module, points, weights, spread=False, pool="centre",
                                 seen=seen)  # fmt: skip
-    return (float(points[0, 0]), float(points[0, 1])), node
+    return float(points[0, 0]), float(points[0, 1])
+
+
+@torch.no_grad()
+def node_at(model: nn.Module, image: Tensor, point: tuple[float, float], layer: str | None = None,
+            *, chain: list[str] | None = None) -> tuple[int, int]:  # fmt: skip
+    """The node ``(y, x)`` of ``layer`` whose image location (:func:`node_location`) is nearest
+    to ``point`` (``(y, x)`` in image pixels), clamped to the layer's output map.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(1, 1, 3, padding=1, stride=2), nn.Conv2d(1, 1, 3, stride=2))
+        >>> node_at(net, torch.rand(1, 32, 32), (13.0, 40.0))
+        (3, 6)
+    """
+    where = "node_at"
+    image, path = _resolve(model, image, layer, chain, where)
+    record = [m for _, m in path if isinstance(m, SpatialTransformer)]
+    output, seen = run_to_layer(model, image, path[-1][1], record)
+    # every layer maps a node's location affinely (kernel centres, strides): two nodes fix it
+    origin, step = _centre(path, seen, (0, 0)), _centre(path, seen, (1, 1))
+    node = []
+    for axis in (0, 1):
+        stride = step[axis] - origin[axis]
+        size = output.shape[-2 + axis]
+        index = round((point[axis] - origin[axis]) / stride) if stride else 0
+        node.append(int(min(max(index, 0), size - 1)))
+    return node[0], node[1]
 
 
 class RoiSamplingLocations(NamedTuple):
@@ -280,7 +327,8 @@ class RoiSamplingLocations(NamedTuple):
 
 
 @torch.no_grad()
-def roi_sampling_locations(pool: DeformRoIPool, features: Tensor, boxes) -> RoiSamplingLocations:
+def roi_sampling_locations(pool: DeformRoIPool, features: Tensor, boxes, *,
+                           spatial_scale: float | None = None) -> RoiSamplingLocations:  # fmt: skip
     """Where each bin of a :class:`~deformable.nn.DeformRoIPool` samples, in box (image) units.
 
     The layer pools the RoIs once without offsets, predicts its normalised offsets (and masks)
@@ -293,6 +341,10 @@ def roi_sampling_locations(pool: DeformRoIPool, features: Tensor, boxes) -> RoiS
         pool (DeformRoIPool): the layer.
         features (Tensor[N, C, H, W]): the feature map it pools from.
         boxes (Tensor[K, 5] or List[Tensor[L, 4]]): RoIs, as for the layer.
+        spatial_scale (float, optional): the scale ``features`` has, when the layer pools
+            another one than its own (one FPN level of a
+            :class:`~deformable.nn.MultiScaleDeformRoIPool`, which calls ``pool.pool(features,
+            boxes, spatial_scale)``). Default: the layer's ``spatial_scale``.
 
     Returns:
         RoiSamplingLocations: ``points [K, oh, ow, S, 2]`` and ``weights [K, oh, ow, S]``,
@@ -313,7 +365,6 @@ def roi_sampling_locations(pool: DeformRoIPool, features: Tensor, boxes) -> RoiS
     """
     from deformable.ops import deform_roi_pool
     from deformable.ops.deform_roi_pool import _as_rois
-    from deformable.ops.reference_roi import roi_geometry
 
     where = "roi_sampling_locations"
     if not isinstance(pool, DeformRoIPool):
@@ -322,14 +373,31 @@ def roi_sampling_locations(pool: DeformRoIPool, features: Tensor, boxes) -> RoiS
         raise ValueError(f"{where}: features must be a Tensor[N, C, H, W], got "
                          f"{getattr(features, 'shape', type(features).__name__)}")  # fmt: skip
     rois = _as_rois(where, boxes, features)
-    settings = dict(output_size=pool.output_size, spatial_scale=pool.spatial_scale,
+    scale = pool.spatial_scale if spatial_scale is None else float(spatial_scale)
+    settings = dict(output_size=pool.output_size, spatial_scale=scale,
                     sampling_ratio=pool.sampling_ratio, aligned=pool.aligned)  # fmt: skip
     pooled = deform_roi_pool(features, rois, **settings)
     offset, mask = pool.offset_and_mask(pooled)
-    oh, ow = pool.output_size
+    out_dtype = features.dtype if features.is_floating_point() else torch.float32
+    points, weights = roi_grid(rois, pool.output_size, scale, pool.sampling_ratio, pool.aligned,
+                               offset=offset, mask=mask, gamma=pool.gamma)  # fmt: skip
+    return RoiSamplingLocations(points.to(out_dtype), weights.to(out_dtype))
+
+
+def roi_grid(rois: Tensor, output_size: tuple[int, int], spatial_scale: float,
+             sampling_ratio: int, aligned: bool = False, *, offset: Tensor | None = None,
+             mask: Tensor | None = None, gamma: float = 0.1) -> RoiSamplingLocations:  # fmt: skip
+    """RoIAlign's sample points of every bin of ``rois`` (``Tensor[K, 5]``), moved by the
+    normalised ``offset`` (``[K, 2, oh, ow]``, see :func:`deformable.ops.deform_roi_pool`)
+    when given; weights ``1 / samples`` per bin, times ``mask`` (``[K, 1, oh, ow]``) when given.
+    Points (float64) are in box units, as :func:`roi_sampling_locations` returns them.
+    """
+    from deformable.ops.reference_roi import roi_geometry
+
+    oh, ow = output_size
     dtype = torch.float64
-    geo = roi_geometry(rois.to(dtype), pool.output_size, pool.spatial_scale, pool.sampling_ratio,
-                       pool.aligned, position_sensitive=False)  # fmt: skip
+    geo = roi_geometry(rois.to("cpu", dtype), output_size, spatial_scale, sampling_ratio,
+                       aligned, position_sensitive=False)  # fmt: skip
     count = rois.shape[0]
     most_h = int(geo.grid_h.max()) if count else 1
     most_w = int(geo.grid_w.max()) if count else 1
@@ -342,20 +410,20 @@ def roi_sampling_locations(pool: DeformRoIPool, features: Tensor, boxes) -> RoiS
     jj = torch.arange(ow, dtype=dtype)[None, None, :, None, None]
     y = geo.start_y[k] + ii * bin_h[k] + (iy[None, None, None, :, None] + 0.5) * (bin_h / gh)[k]
     x = geo.start_x[k] + jj * bin_w[k] + (ix[None, None, None, None, :] + 0.5) * (bin_w / gw)[k]
-    off = offset.to(dtype)[..., None, None]  # [K, 2, oh, ow, 1, 1]
-    x = x + pool.gamma * off[:, 0] * geo.width[k]
-    y = y + pool.gamma * off[:, 1] * geo.height[k]
+    if offset is not None:
+        off = offset.to("cpu", dtype)[..., None, None]  # [K, 2, oh, ow, 1, 1]
+        x = x + gamma * off[:, 0] * geo.width[k]
+        y = y + gamma * off[:, 1] * geo.height[k]
     used = ((iy[None, None, None, :, None] < geo.grid_h.to(dtype)[k])
             & (ix[None, None, None, None, :] < geo.grid_w.to(dtype)[k]))  # fmt: skip
     y, x = torch.broadcast_tensors(y, x)
-    shift = 0.5 if pool.aligned else 0.0
-    points = (torch.stack([y, x], dim=-1) + shift) / pool.spatial_scale
+    shift = 0.5 if aligned else 0.0
+    points = (torch.stack([y, x], dim=-1) + shift) / spatial_scale
     points = torch.where(used[..., None], points, torch.full_like(points, math.nan))
     weights = used.to(dtype) / (geo.grid_h * geo.grid_w).to(dtype).clamp_min(1)[k]
     weights = weights.expand(count, oh, ow, *weights.shape[3:])
     if mask is not None:
-        weights = weights * mask.to(dtype)[:, 0, :, :, None, None]
+        weights = weights * mask.to("cpu", dtype)[:, 0, :, :, None, None]
     samples = points.shape[3] * points.shape[4]
-    out_dtype = features.dtype if features.is_floating_point() else torch.float32
-    return RoiSamplingLocations(points.reshape(count, oh, ow, samples, 2).to(out_dtype),
-                                weights.reshape(count, oh, ow, samples).to(out_dtype))
+    return RoiSamplingLocations(points.reshape(count, oh, ow, samples, 2),
+                                weights.reshape(count, oh, ow, samples))

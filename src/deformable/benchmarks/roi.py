@@ -28,7 +28,7 @@ import sys
 
 import torch
 
-from deformable.benchmarks.timing import median_ms
+from deformable.benchmarks.timing import cuda_peak_extra_mib, median_ms, unsupported
 from deformable.ops.deform_roi_pool import deform_ps_roi_pool, deform_roi_pool
 
 FULL = dict(boxes=512, channels=256, classes=21, bins=7, height=50, width=84, stride=16)
@@ -45,8 +45,9 @@ def random_boxes(count: int, image_h: int, image_w: int, generator) -> torch.Ten
     return torch.cat([torch.zeros(count, 1), corner, corner + size], 1)
 
 
-def _time_pair(name, ours, theirs, leaves, repeats):
-    """Forward and forward+backward of both; ``leaves`` makes fresh differentiable inputs."""
+def _time_pair(name, ours, theirs, leaves, repeats, device):
+    """Forward and forward+backward of both; ``leaves`` makes fresh differentiable inputs. On
+    CUDA also the peak memory of each forward+backward beyond its inputs and gradients."""
     row: dict = {"case": name}
 
     def fwd_bwd(fn):
@@ -54,21 +55,35 @@ def _time_pair(name, ours, theirs, leaves, repeats):
             tensors = leaves()
             out = fn(*tensors)
             out.backward(torch.ones_like(out))
+            return tensors
         return run
 
+    try:
+        fwd_bwd(theirs)()
+    except (RuntimeError, NotImplementedError) as error:  # a dtype torchvision's kernel lacks
+        row["torchvision_unsupported"] = unsupported(error)
+        theirs = None
+    impls = {"torchvision": theirs, "ours": ours} if theirs is not None else {"ours": ours}
     with torch.no_grad():
-        fwd = median_ms({"torchvision": lambda: theirs(*leaves(False)),
-                         "ours": lambda: ours(*leaves(False))}, repeats)  # fmt: skip
-    both = median_ms({"torchvision": fwd_bwd(theirs), "ours": fwd_bwd(ours)}, repeats)
-    for name in ("torchvision", "ours"):
-        row[f"{name}_fwd_ms"] = fwd[name]
-        row[f"{name}_fwdbwd_ms"] = both[name]
-    row["fwd_x"] = row["ours_fwd_ms"] / row["torchvision_fwd_ms"]
-    row["fwdbwd_x"] = row["ours_fwdbwd_ms"] / row["torchvision_fwdbwd_ms"]
+        fwd = median_ms({k: (lambda fn=fn: fn(*leaves(False))) for k, fn in impls.items()}, repeats, device)
+    both = median_ms({k: fwd_bwd(fn) for k, fn in impls.items()}, repeats, device)
+    for key in impls:
+        row[f"{key}_fwd_ms"] = fwd[key]
+        row[f"{key}_fwdbwd_ms"] = both[key]
+        if device.type == "cuda":
+            accounted = sum(2 * t.numel() * t.element_size() for t in leaves(False))
+            row[f"{key}_extra_mib"] = cuda_peak_extra_mib(fwd_bwd(impls[key]), accounted, device)
+    if theirs is not None:
+        row["fwd_x"] = row["ours_fwd_ms"] / row["torchvision_fwd_ms"]
+        row["fwdbwd_x"] = row["ours_fwdbwd_ms"] / row["torchvision_fwdbwd_ms"]
     return row
 
 
-def bench_roi(cfg, repeats, modulated):
+def _on(device, dtype, *tensors):
+    return [t.to(device, dtype) for t in tensors]
+
+
+def bench_roi(cfg, repeats, modulated, device=torch.device("cpu"), dtype=torch.float32):
     import torchvision
 
     g = torch.Generator().manual_seed(0)
@@ -77,6 +92,7 @@ def bench_roi(cfg, repeats, modulated):
     boxes = random_boxes(k, cfg["height"] * cfg["stride"], cfg["width"] * cfg["stride"], g)
     offset = torch.randn(k, 2, b, b, generator=g)
     mask = torch.rand(k, 1, b, b, generator=g)
+    x, boxes, offset, mask = _on(device, dtype, x, boxes, offset, mask)
 
     def leaves(grad=True):
         return [t.clone().requires_grad_(grad) for t in (x, offset, mask)]
@@ -89,10 +105,10 @@ def bench_roi(cfg, repeats, modulated):
         return torchvision.ops.roi_align(x, boxes, b, scale, SAMPLING_RATIO)
 
     name = "roi, offsets + masks (v2)" if modulated else "roi, offsets (v1)"
-    return _time_pair(name, ours, theirs, leaves, repeats)
+    return _time_pair(name, ours, theirs, leaves, repeats, device)
 
 
-def bench_ps(cfg, repeats):
+def bench_ps(cfg, repeats, device=torch.device("cpu"), dtype=torch.float32):
     import torchvision
 
     g = torch.Generator().manual_seed(1)
@@ -100,6 +116,7 @@ def bench_ps(cfg, repeats):
     x = torch.randn(1, classes * b * b, cfg["height"], cfg["width"], generator=g)
     boxes = random_boxes(k, cfg["height"] * cfg["stride"], cfg["width"] * cfg["stride"], g)
     offset = torch.randn(k, 2 * classes, b, b, generator=g)
+    x, boxes, offset = _on(device, dtype, x, boxes, offset)
 
     def leaves(grad=True):
         return [t.clone().requires_grad_(grad) for t in (x, offset)]
@@ -110,10 +127,10 @@ def bench_ps(cfg, repeats):
     def theirs(x, offset):
         return torchvision.ops.ps_roi_align(x, boxes, b, scale, SAMPLING_RATIO)
 
-    return _time_pair("ps, class-aware offsets", ours, theirs, leaves, repeats)
+    return _time_pair("ps, class-aware offsets", ours, theirs, leaves, repeats, device)
 
 
-def bench_fpn(cfg, repeats):
+def bench_fpn(cfg, repeats, device=torch.device("cpu"), dtype=torch.float32):
     import torchvision
     from torchvision.ops.poolers import LevelMapper
 
@@ -123,8 +140,9 @@ def bench_fpn(cfg, repeats):
     features = [torch.randn(1, c, image_h // s, image_w // s, generator=g) for s in FPN_STRIDES]
     boxes = random_boxes(k, image_h, image_w, g)
     levels = LevelMapper(2, 5)([boxes[:, 1:]])
-    groups = [torch.where(levels == i)[0] for i in range(len(FPN_STRIDES))]
+    groups = [torch.where(levels == i)[0].to(device) for i in range(len(FPN_STRIDES))]
     offset = torch.randn(k, 2, b, b, generator=g)
+    *features, boxes, offset = _on(device, dtype, *features, boxes, offset)
 
     def leaves(grad=True):
         return [t.clone().requires_grad_(grad) for t in (*features, offset)]
@@ -143,25 +161,50 @@ def bench_fpn(cfg, repeats):
                                                             offset=off))  # fmt: skip
     theirs = multilevel(lambda m, bx, s, off: torchvision.ops.roi_align(m, bx, b, s,
                                                                         SAMPLING_RATIO))  # fmt: skip
-    return _time_pair("fpn P2-P5, offsets (v1)", ours, theirs, leaves, repeats)
+    return _time_pair("fpn P2-P5, offsets (v1)", ours, theirs, leaves, repeats, device)
+
+
+def _cell(row, key, suffix="") -> str:
+    value = row.get(key)
+    return "—" if value is None else f"{value:.2f}{suffix}"
 
 
 def markdown(rows) -> str:
-    lines = ["| case | torchvision fwd ms | ours fwd ms | fwd ratio | torchvision fwd+bwd ms "
-             "| ours fwd+bwd ms | fwd+bwd ratio |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    gpu = any("ours_extra_mib" in r for r in rows)
+    typed = any("dtype" in r for r in rows)
+    header = "| case | " + ("dtype | " if typed else "") + ("torchvision fwd ms | ours fwd ms | fwd ratio | "
+                                                              "torchvision fwd+bwd ms | ours fwd+bwd ms | fwd+bwd ratio |")
+    if gpu:
+        header += " torchvision MiB | ours MiB |"
+    lines = [header, "|---" * header.count(" |") + "|"]
     for r in rows:
-        lines.append(f"| {r['case']} | {r['torchvision_fwd_ms']:.2f} | {r['ours_fwd_ms']:.2f} | "
-                     f"{r['fwd_x']:.2f}x | {r['torchvision_fwdbwd_ms']:.2f} | "
-                     f"{r['ours_fwdbwd_ms']:.2f} | {r['fwdbwd_x']:.2f}x |")  # fmt: skip
+        cells = [_cell(r, "torchvision_fwd_ms"), _cell(r, "ours_fwd_ms"), _cell(r, "fwd_x", "x"),
+                 _cell(r, "torchvision_fwdbwd_ms"), _cell(r, "ours_fwdbwd_ms"), _cell(r, "fwdbwd_x", "x")]
+        if gpu:
+            cells += [_cell(r, "torchvision_extra_mib"), _cell(r, "ours_extra_mib")]
+        lines.append(f"| {r['case']} | " + (f"{r['dtype']} | " if typed else "") + " | ".join(cells) + " |")
+    unsupported = sorted({f"{r['case']} ({r.get('dtype', 'float32')}): {r['torchvision_unsupported']}"
+                          for r in rows if "torchvision_unsupported" in r})  # fmt: skip
+    if unsupported:
+        lines += ["", "torchvision not timed: " + "; ".join(unsupported)]
     return "\n".join(lines)
 
 
-def run(cfg: dict, repeats: int) -> list[dict]:
-    """The four cases (v1, v2, position-sensitive, FPN) at the sizes of ``cfg`` (FULL or QUICK)."""
-    rows = [bench_roi(cfg, repeats, False), bench_roi(cfg, repeats, True), bench_ps(cfg, repeats),
-            bench_fpn(cfg, repeats)]  # fmt: skip
-    for r in rows:
-        print(f"  {r['case']}: fwd {r['fwd_x']:.2f}x, fwd+bwd {r['fwdbwd_x']:.2f}x", file=sys.stderr)
+def run(cfg: dict, repeats: int, device: torch.device | str = "cpu", dtypes=(torch.float32,)) -> list[dict]:
+    """The four cases (v1, v2, position-sensitive, FPN) at the sizes of ``cfg`` (FULL or QUICK),
+    on ``device`` in each of ``dtypes``."""
+    device = torch.device(device)
+    rows = []
+    for dtype in dtypes:
+        for case in (lambda: bench_roi(cfg, repeats, False, device, dtype),
+                     lambda: bench_roi(cfg, repeats, True, device, dtype),
+                     lambda: bench_ps(cfg, repeats, device, dtype), lambda: bench_fpn(cfg, repeats, device, dtype)):
+            row = case()
+            if len(dtypes) > 1:
+                row["dtype"] = str(dtype).removeprefix("torch.")
+            rows.append(row)
+            print(f"  {row['case']}: fwd {_cell(row, 'fwd_x', 'x')}, fwd+bwd {_cell(row, 'fwdbwd_x', 'x')}",
+                  file=sys.stderr)  # fmt: skip
     return rows
 
 

@@ -3,31 +3,55 @@
 from __future__ import annotations
 
 import gc
-import os
 import re
 import statistics
 import time
 
-__all__ = ["median_ms", "peak_extra_mib"]
+import torch
+
+__all__ = ["cuda_peak_extra_mib", "median_ms", "peak_extra_mib", "unsupported"]
 
 
-def median_ms(fns: dict, repeats: int) -> dict:
+def median_ms(fns: dict, repeats: int, device: torch.device | str = "cpu") -> dict:
     """Median time (ms) of each function over ``repeats`` runs after a warm-up.
 
     One function at a time, not in turns: torch's OpenMP workers and onnxruntime's pool spin
     for a while after each parallel region, so a function run right after another one's would
-    be charged for its neighbour's spinning threads.
+    be charged for its neighbour's spinning threads. On a CUDA ``device`` each run is timed by
+    CUDA events around it (the GPU's time, not the launch's), after the device is idle.
     """
+    device = torch.device(device)
     result = {}
     for name, fn in fns.items():
-        fn()  # warm-up: compilation, allocator, caches
+        fn()  # warm-up: compilation (numba, Triton), allocator, caches
         times = []
         for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) / 1e3)
+            else:
+                start = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - start)
         result[name] = statistics.median(times) * 1e3
     return result
+
+
+def cuda_peak_extra_mib(fn, accounted_bytes: int, device: torch.device) -> float:
+    """Rise of ``torch.cuda.max_memory_allocated`` while ``fn`` runs on ``device``, less
+    ``accounted_bytes`` (what it returns: outputs, gradients)."""
+    fn()  # warm-up: workspaces, Triton's compiled kernels
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return max(0.0, torch.cuda.max_memory_allocated(device) - before - accounted_bytes) / 2**20
 
 
 def _status_kib(field: str) -> int | None:
@@ -71,3 +95,9 @@ def peak_extra_mib(fn, accounted_bytes: int) -> float | None:
         return None
     return max(0.0, (peak - before) * 1024 - accounted_bytes) / 2**20
 
+
+def unsupported(error: Exception) -> str:
+    """A short reason from the error of an implementation that lacks a dtype (torchvision's
+    kernels say '"roi_align_forward_kernel" not implemented for 'BFloat16'' after a file path)."""
+    match = re.search(r"\"?[\w.]+\"? not implemented for '\w+'", str(error))
+    return match.group(0) if match else str(error).strip().splitlines()[0][:120]

@@ -17,22 +17,30 @@ from typing import Callable
 
 from deformable.analysis.loading import ExplainError
 from deformable.data import DataError
-from deformable.engine import CheckpointError, TrainConfig
+from deformable.engine import CheckpointError, ConfigError, TrainConfig, WriteError
+from deformable.engine.devices import DeviceError
 from deformable.ops import KernelUnavailableError
 
-__all__ = ["USER_ERRORS", "add_train_config_arguments", "run_command", "train_config", "write_json"]
+__all__ = ["USER_ERRORS", "add_device_argument", "add_train_config_arguments", "positive", "run_command", "stage_list",
+           "train_config", "write_json"]
 
-#: The library's exceptions that mean "the input is wrong", not "the code is wrong".
-USER_ERRORS = (DataError, CheckpointError, ExplainError, KernelUnavailableError)
+#: The library's exceptions that mean "the input (or the disk) is wrong", not "the code is wrong":
+#: bad data, unsafe or mismatched checkpoints, bad analysis input, impossible settings, kernels
+#: that cannot run on the device, a full disk.
+USER_ERRORS = (DataError, CheckpointError, ExplainError, ConfigError, DeviceError, KernelUnavailableError,
+               WriteError)
 
 
 def run_command(prog: str, main: Callable[[list[str]], int], argv: list[str] | None) -> int:
-    """``main(argv)``, with the library's input errors as one line ``<prog>: error: ...`` on
-    stderr and exit code 2 (as argparse reports bad arguments)."""
+    """``main(argv)``, with the library's input errors (and the system's refusals to read or
+    write a file the user named: missing, no permission, disk full) as one line
+    ``<prog>: error: ...`` on stderr and exit code 2, as argparse reports bad arguments. Any
+    other exception is a bug and keeps its traceback."""
     try:
         return main(sys.argv[1:] if argv is None else list(argv))
-    except USER_ERRORS as error:
-        print(f"{prog}: error: {error}", file=sys.stderr)
+    except (*USER_ERRORS, OSError) as error:
+        message = " ".join(str(error).split())  # one line, whatever the library wrapped
+        print(f"{prog}: error: {message}", file=sys.stderr)
         return 2
 
 
@@ -42,15 +50,39 @@ def add_train_config_arguments(parser: argparse.ArgumentParser, **defaults) -> N
     for f in fields(TrainConfig):
         default = defaults.get(f.name, f.default)
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=default,
-                            help=f"(default: {default})")  # fmt: skip
+                            choices=f.metadata.get("choices"), help=f"(default: {default})")  # fmt: skip
+
+
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    """``--device auto|cpu|cuda|cuda:N`` (auto: CUDA when available)."""
+    parser.add_argument("--device", default="auto", metavar="auto|cpu|cuda|cuda:N",
+                        help="where to compute (default: auto, CUDA when available; under torchrun "
+                             "cuda means each process's own GPU)")  # fmt: skip
 
 
 def train_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> TrainConfig:
-    """The TrainConfig of the parsed options; an argparse error for impossible values."""
-    config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
-    if config.epochs < 1 or config.batch_size < 1:
-        parser.error("--epochs and --batch-size must be >= 1")
-    return config
+    """The TrainConfig of the parsed options; an argparse error naming the option for a value
+    that cannot work (TrainConfig checks them)."""
+    try:
+        return TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    except ConfigError as error:
+        parser.error(f"--{error.field.replace('_', '-')} {error.reason}")
+
+
+def positive(parser: argparse.ArgumentParser, args: argparse.Namespace, *names: str, minimum: int = 1) -> None:
+    """An argparse error unless every option of ``names`` that was given is at least ``minimum``."""
+    for name in names:
+        value = getattr(args, name.replace("-", "_"))
+        if value is not None and value < minimum:
+            parser.error(f"--{name} must be >= {minimum}, got {value}")
+
+
+def stage_list(parser: argparse.ArgumentParser, stages: list[int]) -> list[int]:
+    """``--deform-stages``: distinct ResNet stages from 2 to 5 (an argparse error otherwise)."""
+    if any(s not in (2, 3, 4, 5) for s in stages) or len(set(stages)) != len(stages):
+        parser.error(f"--deform-stages takes distinct stages from 2 3 4 5 (conv2_x..conv5_x), got "
+                     f"{' '.join(map(str, stages))}")  # fmt: skip
+    return stages
 
 
 def write_json(path: str | None, data) -> None:

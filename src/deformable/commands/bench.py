@@ -1,5 +1,6 @@
-"""``deformable bench``: speed and memory of deform_conv2d against its anchors, in one run
-(:mod:`deformable.benchmarks.conv`)."""
+"""``deformable bench``: speed and memory of deform_conv2d against its anchors, in one run: on
+the CPU (:mod:`deformable.benchmarks.conv`), or with ``--device cuda`` the GPU suite
+(:mod:`deformable.benchmarks.gpu`)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,16 @@ import sys
 
 import torch
 
-from deformable.benchmarks import conv
-from deformable.commands import run_command, write_json
+from deformable.benchmarks import conv, gpu
+from deformable.commands import positive, run_command, write_json
+from deformable.engine.devices import resolve_device
 
 
 def _bench(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="deformable bench", description=conv.__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu", metavar="cpu|cuda|cuda:N",
+                        help="cpu: the CPU suite (default); cuda: the GPU suite (Triton, cuDNN, "
+                             "torchvision's CUDA kernel; float32 and bfloat16; training steps)")  # fmt: skip
     parser.add_argument("--repeats", type=int, default=7, help="timed runs per measurement (median)")
     parser.add_argument("--shapes", choices=["all", "quick"], default="all",
                         help="DESIGN.md's five shapes, or two tiny ones for a smoke run")
@@ -21,8 +26,15 @@ def _bench(argv: list[str]) -> int:
                         help="skip torchvision (its backward is slow on large shapes)")
     parser.add_argument("--json", metavar="PATH", help="also write the measurements as JSON")
     args = parser.parse_args(argv)
-    if args.repeats < 1:
-        parser.error("--repeats must be >= 1")
+    positive(parser, args, "repeats")
+    device = resolve_device(args.device)
+    if device.type == "cuda":
+        print(f"torch {torch.__version__}, {torch.cuda.get_device_name(device)}; median of {args.repeats} "
+              "(CUDA events); ratios against F.conv2d (cuDNN) in this run", file=sys.stderr)  # fmt: skip
+        result = gpu.run(device, args.repeats, quick=args.shapes == "quick")
+        print(gpu.markdown(result))
+        write_json(args.json, result)
+        return 0
     shapes = conv.SHAPES if args.shapes == "all" else conv.QUICK_SHAPES
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of "
           f"{args.repeats}; ratios against F.conv2d in this run", file=sys.stderr)

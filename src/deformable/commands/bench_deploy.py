@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from deformable.benchmarks import deploy
-from deformable.commands import run_command, write_json
+from deformable.commands import positive, run_command, write_json
 
 
 def _bench(argv: list[str]) -> int:
@@ -16,9 +16,8 @@ def _bench(argv: list[str]) -> int:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args(argv)
-    for name in ("batch", "size", "repeats"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1")
+    positive(parser, args, "batch", "repeats")
+    positive(parser, args, "size", minimum=32)
     row = deploy.run(args.batch, args.size, args.repeats)
     print(deploy.markdown(row))
     write_json(args.json, row)

@@ -10,7 +10,8 @@ import argparse
 import os
 import sys
 
-from deformable.commands import run_command
+from deformable.commands import add_device_argument, positive, run_command
+from deformable.engine.devices import resolve_device
 from deformable.experiments.digits import DigitsConfig, run, table
 from deformable.models.digitnet import VARIANTS
 
@@ -24,17 +25,17 @@ def _demo(argv: list[str]) -> int:
     parser.add_argument("--resume", action="store_true",
                         help="keep the finished runs in --out and continue an interrupted one")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_device_argument(parser)
     args = parser.parse_args(argv)
+    device = resolve_device(args.device)
     config = DigitsConfig(epochs=3, seeds=1, copies=2) if args.quick else DigitsConfig()
+    positive(parser, args, "epochs", "seeds")
     for name in ("epochs", "seeds"):
-        value = getattr(args, name)
-        if value is not None:
-            if value < 1:
-                parser.error(f"--{name} must be >= 1, got {value}")
-            setattr(config, name, value)
+        if getattr(args, name) is not None:
+            setattr(config, name, getattr(args, name))
     print(f"deformable demo: {len(VARIANTS)} variants x {config.seeds} seed(s) x {config.epochs} "
-          f"epoch(s) -> {args.out}", file=sys.stderr)  # fmt: skip
-    rows = run(args.out, config, progress=not args.no_progress, resume=args.resume)
+          f"epoch(s) on {device} -> {args.out}", file=sys.stderr)  # fmt: skip
+    rows = run(args.out, config, progress=not args.no_progress, resume=args.resume, device=device)
     print(table(rows))
     print(f"\nreport: {os.path.join(args.out, 'report.md')}")
     return 0

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import argparse
 
-from deformable.commands import run_command
+from deformable.commands import add_device_argument, run_command
 from deformable.engine import CheckpointError, load_checkpoint
+from deformable.engine.devices import resolve_device
 from deformable.experiments.detection import percent
 from deformable.experiments.runs import evaluate_checkpoint
 
@@ -16,11 +17,13 @@ def _evaluate(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="deformable eval", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="a last.pt written by deformable train")
     parser.add_argument("--data", help="'digits', 'scenes' or a folder (default: the training data)")
+    add_device_argument(parser)
     args = parser.parse_args(argv)
-    state = load_checkpoint(args.checkpoint)
+    device = resolve_device(args.device)
+    state = load_checkpoint(args.checkpoint)  # on the CPU: a GPU checkpoint evaluates anywhere
     if "model_spec" not in state:
         raise CheckpointError(f"checkpoint {args.checkpoint!r} was not written by deformable train")
-    metrics, count = evaluate_checkpoint(state, args.data)
+    metrics, count = evaluate_checkpoint(state, args.data, device=device)
     epoch = f"epoch {state['epoch'] + 1}"
     if state["model_spec"].get("task") == "detect":
         print("  ".join(f"{k} {percent(v)}" for k, v in metrics.items()) + f"  ({count} images), {epoch}")

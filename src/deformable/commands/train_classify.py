@@ -11,8 +11,9 @@ import argparse
 import os
 import sys
 
-from deformable.commands import add_train_config_arguments, run_command, train_config
+from deformable.commands import add_device_argument, add_train_config_arguments, positive, run_command, stage_list, train_config
 from deformable.engine import distributed
+from deformable.engine.devices import resolve_device
 from deformable.experiments.runs import train_classifier
 from deformable.models.build import CLASSIFIERS
 
@@ -29,16 +30,22 @@ def _train(argv: list[str]) -> int:
     parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     parser.add_argument("--limit", type=int, help="train on the first N images only (smoke runs)")
     parser.add_argument("--no-progress", action="store_true")
+    add_device_argument(parser)
+    parser.add_argument("--workers", type=int, help="DataLoader worker processes (default: 0 on the CPU, "
+                        "up to 4 with pinned memory on CUDA)")
     add_train_config_arguments(parser)
     args = parser.parse_args(argv)
     config = train_config(parser, args)
-    spec = {"model": args.model, "deform_stages": args.deform_stages, "modulated": args.modulated,
+    positive(parser, args, "limit", "image-size")
+    positive(parser, args, "workers", minimum=0)
+    device = resolve_device(args.device)
+    spec = {"model": args.model, "deform_stages": stage_list(parser, args.deform_stages), "modulated": args.modulated,
             "image_size": args.image_size}  # fmt: skip
     if args.resume and not os.path.exists(os.path.join(args.out, "last.pt")):
         print(f"deformable train: nothing to resume in {args.out!r}; starting afresh", file=sys.stderr)
-    with distributed.session():
+    with distributed.session(device):
         train_classifier(spec, args.data, config, args.out, limit=args.limit, resume=args.resume,
-                         progress=not args.no_progress)  # fmt: skip
+                         progress=not args.no_progress, device=device, workers=args.workers)  # fmt: skip
     return 0
 
 

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import argparse
 
-from deformable.commands import add_train_config_arguments, run_command, train_config
+from deformable.commands import add_device_argument, add_train_config_arguments, positive, run_command, stage_list, train_config
 from deformable.engine import distributed
+from deformable.engine.devices import resolve_device
 from deformable.experiments.detection import run_ablation
 from deformable.experiments.runs import train_detector
 from deformable.models.build import DETECTORS, ROI_POOLS
@@ -44,22 +45,26 @@ def _train(argv: list[str]) -> int:
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--limit", type=int, help="train on the first N images only (smoke runs)")
     parser.add_argument("--no-progress", action="store_true")
+    add_device_argument(parser)
+    parser.add_argument("--workers", type=int, help="DataLoader worker processes (default: 0 on the CPU, "
+                        "up to 4 with pinned memory on CUDA)")
     add_train_config_arguments(parser, epochs=12, batch_size=8, lr=1e-3)
     args = parser.parse_args(argv)
     config = train_config(parser, args)
-    if args.seeds < 1:
-        parser.error("--seeds must be >= 1")
-    if args.mimic_crop_size < 1 or args.mimic_rois_per_image < 1:
-        parser.error("--mimic-crop-size and --mimic-rois-per-image must be >= 1")
+    positive(parser, args, "seeds", "limit", "mimic-crop-size", "mimic-rois-per-image")
+    positive(parser, args, "image-size", minimum=32)  # the FPN's five levels need a few pixels each
+    positive(parser, args, "workers", minimum=0)
+    device = resolve_device(args.device)
     if args.ablation and args.model.startswith("rfcn"):
         parser.error("--ablation trains the Faster / Mask R-CNN settings; choose a fasterrcnn or "
                      "maskrcnn --model")
-    spec = {"task": "detect", "model": args.model, "deform_stages": args.deform_stages,
+    spec = {"task": "detect", "model": args.model, "deform_stages": stage_list(parser, args.deform_stages),
             "modulated": not args.v1, "roi_pool": args.roi_pool, "mimic": args.mimic,
             "mimic_crop_size": args.mimic_crop_size, "mimic_rois_per_image": args.mimic_rois_per_image,
             "image_size": args.image_size}  # fmt: skip
-    options = dict(limit=args.limit, resume=args.resume, progress=not args.no_progress)
-    with distributed.session():  # under torchrun: data-parallel
+    options = dict(limit=args.limit, resume=args.resume, progress=not args.no_progress, device=device,
+                   workers=args.workers)  # fmt: skip
+    with distributed.session(device):  # under torchrun: data-parallel
         if args.ablation:
             table = run_ablation(spec, args.data, config, args.out, seeds=args.seeds, **options)
             if distributed.rank_and_world()[0] == 0:

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 from deformable.data.coco import CocoDetection, collate
 from deformable.data.folder import DataError
 from deformable.data.masks import mask_to_rle
+from deformable.engine.devices import model_device
 from deformable.engine.distributed import all_gather_list, shard
 from deformable.engine.loop import TrainConfig, train_loop
 
@@ -50,9 +51,12 @@ def evaluate_coco(model: nn.Module, data: CocoDetection, batch_size: int = 4, *,
         raise DataError(f"annotation file {data.annotation_file!r} has annotations without "
                         "'segmentation': there are no masks to score a Mask R-CNN's against")  # fmt: skip
     model.eval()
+    device = model_device(model)
     found_boxes, found_masks = [], []
     for images, targets in DataLoader(shard(data), batch_size=batch_size, collate_fn=collate):
-        for output, target in zip(model(images), targets):
+        for output, target in zip(model([image.to(device) for image in images]), targets):
+            # on the CPU, boxes and scores in float32 (whatever autocast or the device made them)
+            output = {k: (v.float() if v.is_floating_point() else v).cpu() for k, v in output.items()}
             boxes = output["boxes"].clone()
             boxes[:, 2:] -= boxes[:, :2]  # COCO's [x, y, width, height]
             found = [{"image_id": target["image_id"], "score": score,
@@ -102,10 +106,11 @@ def detection_loss(model: nn.Module, batch) -> tuple[torch.Tensor, int]:
 
 def fit(build_model: Callable[[], nn.Module], train_set: Dataset, val_set: CocoDetection,
         config: TrainConfig, out: str, *, resume: bool = False, progress: bool = True,
-        extra_state: dict | None = None) -> dict:  # fmt: skip
+        extra_state: dict | None = None, device: torch.device | str = "cpu",
+        workers: int | None = None) -> dict:  # fmt: skip
     """:func:`deformable.engine.loop.train_loop` for a torchvision-style detector: the sum of
     its losses, COCO box metrics (and mask metrics of a Mask R-CNN) on ``val_set`` after every
     epoch."""
     return train_loop(build_model, train_set, val_set, config, out, loss=detection_loss,
-                      evaluate=evaluate_coco, collate_fn=collate, resume=resume,
-                      progress=progress, extra_state=extra_state)  # fmt: skip
+                      evaluate=evaluate_coco, collate_fn=collate, resume=resume, progress=progress,
+                      extra_state=extra_state, device=device, workers=workers)  # fmt: skip

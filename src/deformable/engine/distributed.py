@@ -21,13 +21,18 @@ def rank_and_world() -> tuple[int, int]:
 
 
 @contextlib.contextmanager
-def session() -> Iterator[bool]:
+def session(device: torch.device | str = "cpu") -> Iterator[bool]:
     """Joins the process group ``torchrun`` describes (``WORLD_SIZE`` > 1) for the block, and
-    leaves it after; yields whether it did."""
+    leaves it after; yields whether it did. NCCL when the processes train on GPUs (each on its
+    own, ``cuda:LOCAL_RANK``), gloo on CPUs. Several machines: torchrun's own rendezvous
+    (``--nnodes``, ``--rdzv-endpoint``) sets the same variables."""
+    device = torch.device(device)
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or (dist.is_available() and dist.is_initialized()):
         yield False
         return
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
         yield True
     finally:
@@ -48,7 +53,9 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     """Element-wise sums of ``values`` over the processes (float64)."""
     if rank_and_world()[1] == 1:
         return values
-    t = torch.tensor(values, dtype=torch.float64)
+    # NCCL reduces GPU tensors only
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
 

@@ -32,7 +32,8 @@ ABLATION = {
 
 
 def run_ablation(spec: dict, data: str, config: TrainConfig, out: str, *, seeds: int = 1,
-                 limit: int | None = None, resume: bool = False, progress: bool = True) -> str:  # fmt: skip
+                 limit: int | None = None, resume: bool = False, progress: bool = True,
+                 device: torch.device | str = "cpu", workers: int | None = None) -> str:  # fmt: skip
     """Train every setting of :data:`ABLATION` (on top of ``spec``) ``seeds`` times, seeds
     ``config.seed``, ``config.seed + 1``, ..., every setting once before any is repeated; each run
     in ``out/run<i>`` (``out/run<i>-seed<s>`` for the repeats). Writes ``out/ablation.md`` and
@@ -48,7 +49,7 @@ def run_ablation(spec: dict, data: str, config: TrainConfig, out: str, *, seeds:
             folder = f"run{index}" if offset == 0 else f"run{index}-seed{seed}"
             results.setdefault(name, []).append(train_detector(
                 run_spec, data, replace(config, seed=seed), os.path.join(out, folder), data_root=out,
-                limit=limit, resume=resume, progress=progress))  # fmt: skip
+                limit=limit, resume=resume, progress=progress, device=device, workers=workers))  # fmt: skip
     table = ablation_table(results)
     if distributed.rank_and_world()[0] == 0:
         described = f"seed {config.seed}" if seeds == 1 else \

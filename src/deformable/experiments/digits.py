@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import statistics
 import sys
 import time
@@ -29,7 +28,7 @@ import torch
 from torch import Tensor
 
 from deformable.data import TransformedDigits
-from deformable.engine import TrainConfig, fit, load_checkpoint
+from deformable.engine import TrainConfig, fit, load_checkpoint, save_checkpoint
 from deformable.models.digitnet import FEATURE_ORIGIN, FEATURE_STRIDE, LABELS, VARIANTS, DigitNet
 
 __all__ = ["DigitsConfig", "run", "sampling_locations", "summarise", "table"]
@@ -54,13 +53,14 @@ def model_spec(variant: str) -> dict:
 
 
 def train_variant(variant: str, seed: int, train_set, test_set, config: DigitsConfig, out: str, *,
-                  progress: bool = True, resume: bool = False) -> dict:  # fmt: skip
+                  progress: bool = True, resume: bool = False, device: torch.device | str = "cpu") -> dict:  # fmt: skip
     """Train one variant with one seed into ``out``; returns its history and parameter count."""
     train_config = TrainConfig(epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
                                weight_decay=config.weight_decay, seed=seed)  # fmt: skip
     history = fit(lambda: DigitNet(variant), train_set, test_set, train_config, out, resume=resume,
                   progress=progress, extra_state={"model_spec": model_spec(variant), "data": "digits",
-                                                  "data_options": {"copies": config.copies}})  # fmt: skip
+                                                  "data_options": {"copies": config.copies}},
+                  device=device)  # fmt: skip
     params = sum(p.numel() for p in DigitNet(variant).parameters())
     return {"history": history, "params": params}
 
@@ -207,9 +207,10 @@ def write_report(out: str, rows: list[dict], config: DigitsConfig, elapsed: floa
 
 
 def run(out: str, config: DigitsConfig, variants=VARIANTS, *, progress: bool = True,
-        resume: bool = False) -> list[dict]:  # fmt: skip
-    """Train every variant with every seed into ``out`` and write the report; returns the rows of
-    its table. With ``resume=True`` finished runs are kept and interrupted ones continued."""
+        resume: bool = False, device: torch.device | str = "cpu") -> list[dict]:  # fmt: skip
+    """Train every variant with every seed into ``out`` on ``device`` and write the report;
+    returns the rows of its table. With ``resume=True`` finished runs are kept and interrupted
+    ones continued."""
     if "regular" not in variants:
         raise ValueError(f"variants must include 'regular' (the baseline), got {tuple(variants)}")
     os.makedirs(out, exist_ok=True)
@@ -224,15 +225,15 @@ def run(out: str, config: DigitsConfig, variants=VARIANTS, *, progress: bool = T
         for seed in range(config.seeds):
             folder = os.path.join(out, "runs", f"{variant}-seed{seed}")
             result = train_variant(variant, seed, train_set, test_set, config, folder,
-                                   progress=progress, resume=resume)  # fmt: skip
+                                   progress=progress, resume=resume, device=device)  # fmt: skip
             results.setdefault(variant, []).append(result)
             accuracy = result["history"]["val_accuracy"][-1]
             print(f"  {LABELS[variant]:28s} seed {seed}: test accuracy {100 * accuracy:.2f}%",
                   file=sys.stderr)  # fmt: skip
-        first = os.path.join(out, "runs", f"{variant}-seed0", "last.pt")
-        shutil.copyfile(first, os.path.join(out, f"{variant}.pt"))
+        first = load_checkpoint(os.path.join(out, "runs", f"{variant}-seed0", "last.pt"))
+        save_checkpoint(os.path.join(out, f"{variant}.pt"), first)  # durably, as the run's own
         models[variant] = DigitNet(variant)
-        models[variant].load_state_dict(load_checkpoint(first)["model"])
+        models[variant].load_state_dict(first["model"])
         models[variant].eval()
     rows = summarise(results)
     plot_learning_curves(results, os.path.join(out, "learning_curves.png"))

@@ -43,6 +43,19 @@ def check_same(named: dict[str, Tensor | None], op: str) -> None:
             )
 
 
+def autocast_dtype(*tensors) -> torch.dtype | None:
+    """The autocast dtype of the first tensor's device when autocast is on there, else None."""
+    first = next((t for t in tensors if isinstance(t, Tensor)), None)
+    if first is None or not torch.is_autocast_enabled(first.device.type):
+        return None
+    return torch.get_autocast_dtype(first.device.type)
+
+
+def cast_floating(dtype: torch.dtype, *tensors):
+    """Floating-point tensors of ``tensors`` as ``dtype`` (anything else passes)."""
+    return tuple(t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t for t in tensors)
+
+
 def upcast(*tensors):
     """float16 / bfloat16 tensors as float32 (None passes); returns them and the original dtype."""
     dtype = next(t.dtype for t in tensors if t is not None)

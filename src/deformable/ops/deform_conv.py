@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from deformable.ops import _deform_conv_cpu, kernels, reference
-from deformable.ops._checks import check_same, pair, reference_grads, upcast
+from deformable.ops._checks import autocast_dtype, cast_floating, check_same, pair, reference_grads, upcast
 
 __all__ = ["deform_conv2d"]
 
@@ -71,11 +71,17 @@ def deform_conv2d(
     Returns:
         Tensor[batch_size, out_channels, out_height, out_width]: the result of the convolution.
 
-    Every input (input, offset, weight, bias, mask) gets a gradient (first order: the backward is
-    not itself differentiable, and asking for a second derivative raises). float32 and float64 are
-    computed natively; float16 and bfloat16 in float32 and returned in the input dtype. On the
-    CPU a multithreaded kernel runs (deterministic, memory bounded per tile); on any other
-    device the pure-PyTorch reference (:func:`deformable.ops.reference.deform_conv2d`).
+    Under ``torch.autocast`` every tensor is cast to the autocast dtype first (as ``F.conv2d``
+    is). Every input (input, offset, weight, bias, mask) gets a gradient (first order: the backward is
+    not itself differentiable, and asking for a second derivative raises). On the CPU a
+    multithreaded kernel runs (deterministic, memory bounded per tile), float32 and float64
+    natively, float16 and bfloat16 in float32 and returned in the input dtype. On CUDA Triton
+    kernels run (an implicit GEMM, no column buffer): float32 exactly (TF32 when
+    ``torch.backends.cuda.matmul.allow_tf32`` is on), float16 and bfloat16 natively with float32
+    accumulation, float64 through the reference; the input gradient adds with float atomics,
+    unless :func:`torch.use_deterministic_algorithms` is on, then a deterministic path runs. On any
+    other device the pure-PyTorch reference (:func:`deformable.ops.reference.deform_conv2d`).
+    Kernel selection (and forcing one set): :mod:`deformable.ops.kernels`.
 
     Example:
         >>> import torch
@@ -91,6 +97,9 @@ def deform_conv2d(
     stride = pair(stride, "stride", minimum=1)
     padding = pair(padding, "padding", minimum=0)
     dilation = pair(dilation, "dilation", minimum=1)
+    dtype = autocast_dtype(input, offset, weight, bias, mask)
+    if dtype is not None:  # under autocast a convolution runs in the autocast dtype, as F.conv2d
+        input, offset, weight, bias, mask = cast_floating(dtype, input, offset, weight, bias, mask)
     _check_arguments(input, offset, weight, bias, stride, padding, dilation, mask)
     return torch.ops.deformable.deform_conv2d(
         input, offset, weight, bias, list(stride), list(padding), list(dilation), mask
@@ -210,8 +219,11 @@ def _forward_numba(input, offset, weight, bias, stride, padding, dilation, mask)
 
 
 def _forward_triton(input, offset, weight, bias, stride, padding, dilation, mask):
+    if input.dtype == torch.float64:  # no float64 tl.dot worth having: the reference
+        return _forward_reference(input, offset, weight, bias, stride, padding, dilation, mask)
     from deformable.ops import _triton_conv
 
+    # float16 / bfloat16 natively (float32 coordinates and accumulation)
     return _triton_conv.forward(input, offset, weight, bias, stride, padding, dilation, mask)
 
 
@@ -278,6 +290,9 @@ def _backward_numba(grad_out, input, offset, weight, bias, stride, padding, dila
 
 def _backward_triton(grad_out, input, offset, weight, bias, stride, padding, dilation,
                      mask, output_mask):  # fmt: skip
+    if input.dtype == torch.float64:
+        return _backward_reference(grad_out, input, offset, weight, bias, stride, padding,
+                                   dilation, mask, output_mask)  # fmt: skip
     from deformable.ops import _triton_conv
 
     originals = (input, offset, weight, bias, mask)

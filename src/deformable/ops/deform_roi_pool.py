@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from deformable.ops import _deform_roi_pool_cpu, kernels, reference_roi
-from deformable.ops._checks import check_same, pair, reference_grads, upcast
+from deformable.ops._checks import autocast_dtype, cast_floating, check_same, pair, reference_grads, upcast
 
 __all__ = ["deform_roi_pool", "deform_ps_roi_pool"]
 
@@ -77,9 +77,13 @@ def deform_roi_pool(
     Returns:
         Tensor[K, channels, oh, ow]: the pooled features.
 
-    ``input``, ``offset`` and ``mask`` get gradients; ``boxes`` do not. float32 and float64 are
-    computed natively, float16 / bfloat16 in float32. On the CPU a multithreaded deterministic
-    kernel runs; on any other device the reference (:mod:`deformable.ops.reference_roi`).
+    ``input``, ``offset`` and ``mask`` get gradients; ``boxes`` do not. On the CPU a
+    multithreaded deterministic kernel runs (float32 and float64 natively, float16 / bfloat16 in
+    float32). On CUDA Triton kernels run: float32, float16 and bfloat16 natively with float32
+    sums, float64 through the reference; the input gradient adds with float atomics unless
+    :func:`torch.use_deterministic_algorithms` is on. On any other device the reference
+    (:mod:`deformable.ops.reference_roi`). Kernel selection: :mod:`deformable.ops.kernels`.
+    Under ``torch.autocast`` it computes in float32 and returns the input's dtype.
 
     Example:
         >>> import torch, torchvision
@@ -98,6 +102,9 @@ def deform_roi_pool(
         op, output_size, spatial_scale, sampling_ratio, gamma)  # fmt: skip
     if not isinstance(aligned, bool):
         raise TypeError(f"{op}: aligned must be a bool, got {aligned!r}")
+    dtype = autocast_dtype(input, offset, mask)
+    if dtype is not None:  # under autocast: float32, as torchvision's roi_align; back after
+        dtype, (input, offset, mask) = input.dtype, cast_floating(torch.float32, input, offset, mask)
     _check_tensors(op, input, offset=offset, mask=mask)
     rois = _as_rois(op, boxes, input)
     count = rois.shape[0]
@@ -108,8 +115,9 @@ def deform_roi_pool(
                 f"{op}: {name} must be [K, {channels}, oh, ow] = {[count, channels, oh, ow]} for "
                 f"{count} boxes and output_size {tuple(output_size)}, got {list(t.shape)}"
             )
-    return torch.ops.deformable.deform_roi_pool(input, rois, list(output_size), spatial_scale,
-                                                sampling_ratio, aligned, offset, mask, gamma)  # fmt: skip
+    out = torch.ops.deformable.deform_roi_pool(input, rois, list(output_size), spatial_scale,
+                                               sampling_ratio, aligned, offset, mask, gamma)  # fmt: skip
+    return out if dtype is None else out.to(dtype)
 
 
 def deform_ps_roi_pool(
@@ -155,6 +163,9 @@ def deform_ps_roi_pool(
     Returns:
         Tensor[K, out_channels, oh, ow]
 
+    ``input`` and ``offset`` get gradients. Devices, dtypes and determinism as
+    :func:`deform_roi_pool`.
+
     Example:
         >>> import torch, torchvision
         >>> x = torch.rand(1, 3 * 2 * 2, 16, 16)
@@ -168,6 +179,9 @@ def deform_ps_roi_pool(
     op = "deform_ps_roi_pool"
     output_size, spatial_scale, sampling_ratio, gamma = _check_scalars(
         op, output_size, spatial_scale, sampling_ratio, gamma)  # fmt: skip
+    dtype = autocast_dtype(input, offset)
+    if dtype is not None:  # under autocast: float32, as torchvision's ps_roi_align; back after
+        dtype, (input, offset) = input.dtype, cast_floating(torch.float32, input, offset)
     _check_tensors(op, input, offset=offset)
     oh, ow = output_size
     channels = input.shape[1]
@@ -189,8 +203,9 @@ def deform_ps_roi_pool(
                 f"({out_channels}), e.g. {[count, 2, oh, ow]} or {[count, 2 * out_channels, oh, ow]}"
                 f"; got {list(shape)}"
             )
-    return torch.ops.deformable.deform_ps_roi_pool(input, rois, list(output_size), spatial_scale,
-                                                   sampling_ratio, offset, gamma)  # fmt: skip
+    out = torch.ops.deformable.deform_ps_roi_pool(input, rois, list(output_size), spatial_scale,
+                                                  sampling_ratio, offset, gamma)  # fmt: skip
+    return out if dtype is None else out.to(dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,6 +303,27 @@ def _pack_grads(grads, originals):
                  for g, t in zip(grads, originals))  # fmt: skip
 
 
+def _kernel_set(input: Tensor) -> str:
+    """The kernel set that runs on ``input``: the Triton kernels take float32, float16 and
+    bfloat16; float64 on them goes to the reference."""
+    kernel_set = kernels.select(input.device)
+    if kernel_set == "triton" and input.dtype == torch.float64:
+        return "reference"
+    return kernel_set
+
+
+def _computed(kernel_set: str, *tensors):
+    """The tensors in the dtype the kernel set computes in, and the dtype to return: the Triton
+    kernels read float16 / bfloat16 natively (float32 sums); the others get them upcast."""
+    if kernel_set == "triton":
+        return tensors, tensors[0].dtype
+    return upcast(*tensors)
+
+
+def _box_dtype(input: Tensor) -> torch.dtype:
+    return torch.float64 if input.dtype == torch.float64 else torch.float32
+
+
 def _fast_kernels(kernel_set: str):
     """The module of fast kernels of a kernel set (numba or triton)."""
     if kernel_set == "triton":
@@ -316,9 +352,9 @@ def _deform_roi_pool_op(
 @_deform_roi_pool_op.register_kernel(("cpu", "cuda"))
 def _roi_forward(input, boxes, output_size, spatial_scale, sampling_ratio, aligned, offset, mask,
                  gamma):  # fmt: skip
-    kernel_set = kernels.select(input.device)
-    (input, offset, mask), dtype = upcast(input, offset, mask)
-    boxes = boxes.to(input.dtype)
+    kernel_set = _kernel_set(input)
+    (input, offset, mask), dtype = _computed(kernel_set, input, offset, mask)
+    boxes = boxes.to(_box_dtype(input))
     if kernel_set == "reference":
         out = reference_roi.deform_roi_pool(input, boxes, output_size, spatial_scale,
                                             sampling_ratio, aligned, offset, mask, gamma)  # fmt: skip
@@ -356,10 +392,10 @@ def _deform_roi_pool_backward_op(
 @_deform_roi_pool_backward_op.register_kernel(("cpu", "cuda"))
 def _roi_backward_dispatch(grad_out, input, boxes, output_size, spatial_scale, sampling_ratio,
                            aligned, offset, mask, gamma, output_mask):  # fmt: skip
-    kernel_set = kernels.select(input.device)
+    kernel_set = _kernel_set(input)
     originals = (input, offset, mask)
-    (grad_out, input, offset, mask), _ = upcast(grad_out, input, offset, mask)
-    boxes = boxes.to(input.dtype)
+    (grad_out, input, offset, mask), _ = _computed(kernel_set, grad_out, input, offset, mask)
+    boxes = boxes.to(_box_dtype(input))
     if kernel_set == "reference":
         def pool(input, offset, mask):
             return reference_roi.deform_roi_pool(input, boxes, output_size, spatial_scale,
@@ -416,9 +452,9 @@ def _deform_ps_roi_pool_op(
 
 @_deform_ps_roi_pool_op.register_kernel(("cpu", "cuda"))
 def _ps_forward(input, boxes, output_size, spatial_scale, sampling_ratio, offset, gamma):
-    kernel_set = kernels.select(input.device)
-    (input, offset), dtype = upcast(input, offset)
-    boxes = boxes.to(input.dtype)
+    kernel_set = _kernel_set(input)
+    (input, offset), dtype = _computed(kernel_set, input, offset)
+    boxes = boxes.to(_box_dtype(input))
     if kernel_set == "reference":
         out = reference_roi.deform_ps_roi_pool(input, boxes, output_size, spatial_scale,
                                                sampling_ratio, offset, gamma)  # fmt: skip
@@ -454,10 +490,10 @@ def _deform_ps_roi_pool_backward_op(
 @_deform_ps_roi_pool_backward_op.register_kernel(("cpu", "cuda"))
 def _ps_backward_dispatch(grad_out, input, boxes, output_size, spatial_scale, sampling_ratio,
                           offset, gamma, output_mask):  # fmt: skip
-    kernel_set = kernels.select(input.device)
+    kernel_set = _kernel_set(input)
     originals = (input, offset)
-    (grad_out, input, offset), _ = upcast(grad_out, input, offset)
-    boxes = boxes.to(input.dtype)
+    (grad_out, input, offset), _ = _computed(kernel_set, grad_out, input, offset)
+    boxes = boxes.to(_box_dtype(input))
     if kernel_set == "reference":
         def pool(input, offset):
             return reference_roi.deform_ps_roi_pool(input, boxes, output_size, spatial_scale,

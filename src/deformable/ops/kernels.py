@@ -9,7 +9,9 @@
   :class:`KernelUnavailableError` saying why.
 
 Triton runs on CPU tensors only under its interpreter: ``TRITON_INTERPRET=1`` set before triton
-is first imported. That is how the Triton kernels are tested on machines without a GPU.
+is first imported (what counts is that it is set before ``@triton.jit`` runs, when deformable's
+Triton kernel modules are imported; one imported earlier is reported). That is how the Triton
+kernels are tested on machines without a GPU.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
+import sys
 from typing import Iterator
 
 import torch
@@ -85,6 +88,16 @@ def triton_problem(device: torch.device) -> str | None:
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         return ("the Triton kernels run on CPU tensors only under Triton's interpreter: set "
                 "TRITON_INTERPRET=1 before triton is first imported")  # fmt: skip
+    if device.type == "cpu":
+        # @triton.jit picks interpreter or compiler when a kernel module is imported: one imported
+        # before TRITON_INTERPRET=1 was set holds GPU kernels, which would fail on CPU pointers.
+        compiled = sorted(name for name, module in list(sys.modules.items())
+                          if name.startswith("deformable.ops._triton")
+                          and getattr(module, "INTERPRETED", None) is False)  # fmt: skip
+        if compiled:
+            return (f"{compiled[0]} was imported before TRITON_INTERPRET=1 was set, so its kernels "
+                    "are compiled for the GPU, not interpreted; set TRITON_INTERPRET=1 before "
+                    "deformable's Triton kernels are first imported")  # fmt: skip
     return None
 
 

@@ -19,9 +19,10 @@ def bilinear_gather(image: Tensor, y: Tensor, x: Tensor) -> Tensor:
     """
     batch, channels, height, width = image.shape
     flat = image.reshape(batch, channels, height * width)
-    # Far-away points only ever see zero corners; clamping keeps floor() and long() finite.
-    y = y.clamp(-2.0, height + 1.0)
-    x = x.clamp(-2.0, width + 1.0)
+    # Far-away points only ever see zero corners; clamping keeps floor() and long() finite, and a
+    # NaN point is far away (it samples zero and passes no gradient, as the fast kernels do).
+    y = y.nan_to_num(nan=-2.0).clamp(-2.0, height + 1.0)
+    x = x.nan_to_num(nan=-2.0).clamp(-2.0, width + 1.0)
     y0 = y.detach().floor()
     x0 = x.detach().floor()
     ly, lx = y - y0, x - x0
