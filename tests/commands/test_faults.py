@@ -49,7 +49,7 @@ def evil(tmp_path):
 
 
 @pytest.mark.parametrize("command", ["eval", "explain", "train classify --resume",
-                                     "train detect --resume", "demo --resume"])
+                                     "train detect --resume", "train segment --resume", "demo --resume"])
 def test_a_malicious_checkpoint_never_runs(tmp_path, capsys, evil, command):
     path, marker = evil
     out = tmp_path / "run"
@@ -74,6 +74,9 @@ def test_a_malicious_checkpoint_never_runs(tmp_path, capsys, evil, command):
             for split in ("train", "val"):
                 generate_scenes(str(tmp_path / "scenes"), split, 2, size=64, max_objects=1)
             argv += ["--image-size", "64", "--data", str(tmp_path / "scenes")]
+        if task == "segment":
+            argv += ["--image-size", "32", "--scenes", "2", "1", "--output-stride", "16",
+                     "--atrous-rates", "1", "2"]
         code, prog, path = train.main(argv), f"deformable train {task}", out / "last.pt"
     line = one_line_error(capsys.readouterr().err, prog)
     assert code == 2 and not marker.exists()

@@ -61,6 +61,24 @@ def test_feature_info_of_deeplab_matches_forward():
         assert shapes[f["module"]] == (1, f["num_chs"], 64 // f["reduction"], 64 // f["reduction"])
 
 
+def test_output_stride_16_dilates_layer4_only_and_scales_the_aspp():
+    model = deeplabv3_resnet18(num_classes=3, deform_stages=(4, 5), output_stride=16).eval()
+    assert [f["reduction"] for f in model.feature_info] == [2, 4, 8, 16, 16]
+    layers = _deform_layers(model)
+    assert {m.dilation[0] for n, m in layers.items() if "layer3" in n} == {1}
+    assert {m.dilation[0] for n, m in layers.items() if "layer4" in n} == {1, 2}
+    assert layers["backbone.layer3.0.conv1"].stride == (2, 2)
+    with torch.no_grad():
+        assert model.backbone(torch.rand(1, 3, 64, 64))["out"].shape == (1, 512, 4, 4)
+        assert model(torch.rand(1, 3, 50, 35))["out"].shape == (1, 3, 50, 35)
+    aspp = model.classifier[0].convs
+    assert [branch[0].dilation[0] for branch in aspp[1:4]] == [6, 12, 18]  # DeepLabV3's at 16
+    default = deeplabv3_resnet18(num_classes=3).classifier[0].convs
+    assert [branch[0].dilation[0] for branch in default[1:4]] == [12, 24, 36]
+    small = deeplabv3_resnet18(num_classes=3, atrous_rates=(1, 2)).classifier[0].convs
+    assert [branch[0].dilation[0] for branch in small[1:3]] == [1, 2] and len(small) == 4
+
+
 def test_resnet18_trains_one_step():
     model = deeplabv3_resnet18(num_classes=3, deform_stages=(4, 5), modulated=True, aux_loss=True)
     model.train()
@@ -101,5 +119,9 @@ def test_exceptions():
     with pytest.raises(ValueError, match="unexpected keys"):  # a ResNet-34 is not a ResNet-18
         deeplabv3_resnet18(num_classes=2,
                            weights_backbone=torchvision.models.resnet34().state_dict())  # fmt: skip
+    with pytest.raises(ValueError, match="output_stride must be 8 or 16, got 32"):
+        deeplabv3_resnet18(num_classes=2, output_stride=32)
+    with pytest.raises(ValueError, match=r"atrous_rates must be .* positive ints, got \(6, 0\)"):
+        deeplabv3_resnet18(num_classes=2, atrous_rates=(6, 0))
     with pytest.raises(TypeError):
         deeplabv3_resnet18(2)  # keyword-only: num_classes must be named

@@ -1,6 +1,7 @@
 """``deformable eval``: evaluate a checkpoint of ``deformable train`` (or of ``deformable demo``)
 on its validation data or on ``--data``: accuracy and loss of a classifier, COCO box metrics of
-a detector (and mask metrics, ``mask_AP`` ..., of a Mask R-CNN)."""
+a detector (and mask metrics, ``mask_AP`` ..., of a Mask R-CNN), mIoU, pixel accuracy and
+per-class IoU of a segmenter."""
 
 from __future__ import annotations
 
@@ -25,7 +26,12 @@ def _evaluate(argv: list[str]) -> int:
         raise CheckpointError(f"checkpoint {args.checkpoint!r} was not written by deformable train")
     metrics, count = evaluate_checkpoint(state, args.data, device=device)
     epoch = f"epoch {state['epoch'] + 1}"
-    if state["model_spec"].get("task") == "detect":
+    if state["model_spec"].get("task") == "segment":
+        print(f"mIoU {percent(metrics['mIoU'])}  pixel accuracy {percent(metrics['pixel_accuracy'])}  "
+              f"({count} images, {epoch})")
+        print("IoU  " + "  ".join(f"{k[len('IoU/'):]} {percent(v)}" for k, v in metrics.items()
+                                  if k.startswith("IoU/")))  # fmt: skip
+    elif state["model_spec"].get("task") == "detect":
         print("  ".join(f"{k} {percent(v)}" for k, v in metrics.items()) + f"  ({count} images), {epoch}")
     else:
         print(f"accuracy {100 * metrics['accuracy']:.2f}%  loss {metrics['loss']:.4f}  ({count} images, {epoch})")

@@ -1,7 +1,8 @@
-"""``deformable train TASK ...``: train a classifier or a detector (one module per task).
+"""``deformable train TASK ...``: train a classifier, a detector or a segmenter (one module per task).
 
     deformable train classify [--data digits|PATH] [--model NAME] ...   (deformable.commands.train_classify)
     deformable train detect [--data scenes|PATH] [--ablation] ...       (deformable.commands.train_detect)
+    deformable train segment [--data scenes|PATH] [--ablation] ...      (deformable.commands.train_segment)
 
 A checkpoint is written after every epoch; ``--resume`` continues an interrupted run with no
 finished epoch lost and the same result as an uninterrupted one. Data-parallel: start the same
@@ -19,6 +20,7 @@ import sys
 TASKS = {
     "classify": ("deformable.commands.train_classify", "a classifier on digits or an image folder"),
     "detect": ("deformable.commands.train_detect", "a detector on generated scenes or a COCO folder"),
+    "segment": ("deformable.commands.train_segment", "DeepLabV3 on generated scenes or a VOC-style folder"),
 }
 
 

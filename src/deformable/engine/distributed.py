@@ -10,7 +10,8 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-__all__ = ["rank_and_world", "session", "shard", "all_reduce_sum", "all_gather_list", "barrier"]
+__all__ = ["rank_and_world", "session", "shard", "all_reduce_sum", "all_gather_list", "barrier",
+           "broadcast_buffers"]
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -74,3 +75,15 @@ def barrier() -> None:
     """Waits for every process (nothing to wait for in a single process)."""
     if rank_and_world()[1] > 1:
         dist.barrier()
+
+
+def broadcast_buffers(model: torch.nn.Module) -> None:
+    """Rank 0's buffers (e.g. BatchNorm running statistics) copied into every process's ``model``.
+
+    DistributedDataParallel syncs buffers at the start of each forward, so after the last
+    training step each process holds its own running statistics; broadcasting them before a
+    sharded evaluation makes every process score rank 0's model, the one it saves.
+    """
+    if rank_and_world()[1] > 1:
+        for buffer in model.buffers():
+            dist.broadcast(buffer.data, 0)

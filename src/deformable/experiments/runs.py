@@ -63,9 +63,14 @@ def evaluate_checkpoint(state: dict, data: str | None = None,
                         device: torch.device | str = "cpu") -> tuple[dict[str, float], int]:  # fmt: skip
     """``(metrics, number of validation images)`` of a run's checkpoint on its validation data
     (or on ``data``), on ``device`` (whatever device it was trained on): accuracy and loss of a
-    classifier, COCO box metrics of a detector (and mask metrics of a Mask R-CNN)."""
+    classifier, COCO box metrics of a detector (and mask metrics of a Mask R-CNN), mIoU, pixel
+    accuracy and per-class IoU of a segmenter."""
     spec = state["model_spec"]
     source = data or state["data"]
+    if spec.get("task") == "segment":
+        from deformable.experiments.segmentation import evaluate_segmenter
+
+        return evaluate_segmenter(state, data, device=device)
     if spec.get("task") == "detect":
         model = build_detector(spec)
         model.load_state_dict(state["model"])

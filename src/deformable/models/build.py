@@ -4,7 +4,8 @@ stores, so that ``deformable eval`` and ``deformable explain`` can rebuild what 
 A classifier's spec: ``model`` (one of :data:`CLASSIFIERS`), ``num_classes``, and for the
 ResNets ``deform_stages`` and ``modulated``. A detector's spec adds ``task: "detect"``,
 ``image_size``, ``roi_pool`` (one of :data:`ROI_POOLS`), ``mimic`` (and its crop size and RoIs
-per image).
+per image). A segmenter's spec: ``task: "segment"``, ``model`` (one of :data:`SEGMENTERS`),
+``num_classes``, ``deform_stages``, ``modulated``, ``output_stride`` and ``atrous_rates``.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 from torch import nn
 
 __all__ = ["CLASSIFIERS", "DETECTORS", "DIGITNETS", "MASK_DETECTORS", "RESNETS", "ROI_POOLS",
-           "build_classifier", "build_detector", "build_model"]
+           "SEGMENTERS", "build_classifier", "build_detector", "build_model", "build_segmenter"]
 
 DIGITNETS = ("digitnet-regular", "digitnet-dcnv1", "digitnet-dcnv2", "digitnet-stn")
 RESNETS = ("resnet18", "resnet34", "resnet50")
@@ -22,6 +23,7 @@ MASK_DETECTORS = ("maskrcnn_resnet18_fpn", "maskrcnn_resnet50_fpn")
 DETECTORS = ("fasterrcnn_resnet18_fpn", "fasterrcnn_resnet50_fpn", *MASK_DETECTORS, "rfcn_resnet18",
              "rfcn_resnet50")  # fmt: skip
 ROI_POOLS = ("align", "deform", "mdeform")
+SEGMENTERS = ("deeplabv3_resnet18", "deeplabv3_resnet50")
 
 
 def build_classifier(spec: dict) -> nn.Module:
@@ -63,8 +65,23 @@ def build_detector(spec: dict) -> nn.Module:
         box_batch_size_per_image=128, box_detections_per_img=50)  # fmt: skip
 
 
+def build_segmenter(spec: dict) -> nn.Module:
+    """The DeepLabV3 ``spec`` describes."""
+    from deformable.models import segmentation
+
+    if spec["model"] not in SEGMENTERS:
+        raise ValueError(f"model_spec: model must be one of {SEGMENTERS}, got {spec['model']!r}")
+    rates = spec.get("atrous_rates")
+    return getattr(segmentation, spec["model"])(
+        num_classes=spec["num_classes"], deform_stages=tuple(spec["deform_stages"]),
+        modulated=spec["modulated"], output_stride=spec.get("output_stride", 8),
+        atrous_rates=None if rates is None else tuple(rates))  # fmt: skip
+
+
 def build_model(spec: dict) -> nn.Module:
     """The network of any training checkpoint's spec (by its ``task``; classify by default)."""
     if spec.get("task") == "detect":
         return build_detector(spec)
+    if spec.get("task") == "segment":
+        return build_segmenter(spec)
     return build_classifier(spec)
