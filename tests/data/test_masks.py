@@ -150,3 +150,26 @@ def test_an_image_of_another_size_than_its_entry(tmp_path):
     polygons = CocoDetection(str(tmp_path), write(tmp_path, GOOD), masks=True)
     assert polygons[0][1]["masks"].shape == (1, 16, 16)  # polygons are drawn at the image's size
     assert polygons[0][1]["masks"].sum() == 16
+
+
+def test_scene_masks_agree_with_the_segmentation_scenes(tmp_path):
+    # the same scenes drawn for semantic segmentation: each pixel's class is the category of the
+    # instance mask that covers it (background where none does)
+    import numpy as np
+    from PIL import Image
+
+    from deformable.data.segmentation import generate_segmentation_scenes
+
+    path = generate_scenes(str(tmp_path / "det"), "val", 6, size=64)
+    generate_segmentation_scenes(str(tmp_path / "seg"), "val", 6, size=64)
+    data = CocoDetection(str(tmp_path / "det" / "val"), path, masks=True)
+    for index in range(len(data)):
+        image, target = data[index]
+        classes = torch.zeros(64, 64, dtype=torch.long)
+        for mask, label in zip(target["masks"], target["labels"]):
+            classes[mask.bool()] = label
+        name = f"val_{target['image_id']:06d}.png"
+        expected = torch.from_numpy(np.array(Image.open(tmp_path / "seg" / "SegmentationClass" / name))).long()
+        assert torch.equal(classes, expected), name
+        pixels = torch.from_numpy(np.array(Image.open(tmp_path / "seg" / "JPEGImages" / name)))
+        assert torch.equal((image * 255).round().byte().permute(1, 2, 0), pixels)
