@@ -28,6 +28,7 @@ def test_train_segment_and_eval(tmp_path, capsys):
     spec = state["model_spec"]
     assert spec["task"] == "segment" and spec["deform_stages"] == [4, 5] and spec["modulated"]
     assert spec["num_classes"] == 14 and spec["classes"][:2] == ["background", "0"]
+    assert state["config"]["offset_lr_mult"] == 0.1 and state["config"]["lr"] == 2e-3  # the measured defaults
     assert state["data"] == str(out / "scenes-32px-4-2")
     assert sum("conv_offset" in k and "layer4" in k for k in state["model"]) > 0
     with open(out / "metrics.csv") as f:

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from deformable.data import DataError
+from deformable.data.masks import decode_segmentation
 from deformable.data.scenes import generate_scenes
 from deformable.data.segmentation import (IGNORE_INDEX, SCENE_CLASSES, SegmentationFolder,
                                           generate_segmentation_scenes, segmentation_data,
@@ -45,16 +46,17 @@ def test_generated_scenes_are_the_detection_scenes_with_their_pixels(tmp_path):
         coco = np.array(Image.open(tmp_path / "coco" / "val" / f"{index + 1:06d}.png"))
         assert torch.equal(image, torch.from_numpy(coco).permute(2, 0, 1).float() / 255)
         assert Image.open(tmp_path / "voc" / "SegmentationClass" / f"val_{index + 1:06d}.png").mode == "P"
-        # every labelled pixel lies in a box of its category (the last drawn wins where they overlap)
-        inside = torch.zeros(14, 48, 48, dtype=torch.bool)
-        boxes = [a for a in annotations["annotations"] if a["image_id"] == index + 1]
-        for a in boxes:
+        # the class map is the detection scenes' instance masks (their visible parts), each
+        # labelled with its category, and lies in their boxes
+        objects = [a for a in annotations["annotations"] if a["image_id"] == index + 1]
+        expected = torch.zeros(48, 48, dtype=torch.long)
+        for a in objects:
+            instance = decode_segmentation(a["segmentation"], 48, 48).bool()
+            assert not (expected[instance] > 0).any()  # visible parts do not overlap
+            expected[instance] = a["category_id"]
             x, y, w, h = a["bbox"]
-            inside[a["category_id"], y : y + h, x : x + w] = True
-        labelled = mask > 0
-        assert labelled.any()
-        assert inside.gather(0, mask[None])[0][labelled].all()
-        assert set(mask.unique().tolist()) - {0} <= {a["category_id"] for a in boxes}
+            assert instance[y : y + h, x : x + w].sum() == instance.sum()
+        assert (mask > 0).any() and torch.equal(mask, expected)
 
 
 def test_index_and_palette_masks_load(tmp_path):

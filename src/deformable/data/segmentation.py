@@ -8,21 +8,20 @@ The folder layout is PASCAL VOC 2012's::
     ROOT/ImageSets/Segmentation/train.txt, val.txt   the ids of each split, one per line
     ROOT/classes.txt                     optional: the class names, one per line, background first
 
-:func:`generate_segmentation_scenes` writes that layout from the detection scene generator's
-objects (:mod:`deformable.data.scenes`): the same images, with every pixel of an object labelled
-with its category (1..13) and the rest background (0).
+:func:`generate_segmentation_scenes` writes that layout from the detection scene generator
+(:mod:`deformable.data.scenes`): its images, with every pixel of an object's (visible) instance
+mask labelled with the object's category (1..13) and the rest background (0).
 """
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
 from torch.utils.data import Dataset
 
 from deformable.data.folder import IMAGE_EXTENSIONS, DataError
-from deformable.data.scenes import CATEGORIES, _digit_mask, _overlap, _shape_mask
+from deformable.data.scenes import CATEGORIES
 
 __all__ = ["IGNORE_INDEX", "SCENE_CLASSES", "SegmentationFolder", "collate_segmentation",
            "generate_segmentation_scenes", "read_classes", "segmentation_data", "segmentation_scenes",
@@ -32,8 +31,6 @@ __all__ = ["IGNORE_INDEX", "SCENE_CLASSES", "SegmentationFolder", "collate_segme
 IGNORE_INDEX = 255
 #: the classes of the generated scenes: background, then the detection scenes' categories
 SCENE_CLASSES = ["background"] + CATEGORIES
-#: a pixel belongs to an object where the object's opacity is at least this
-OBJECT_OPACITY = 0.5
 
 
 def voc_palette() -> list[int]:
@@ -60,69 +57,45 @@ def generate_segmentation_scenes(root: str, split: str, count: int, *, size: int
                                  max_objects: int = 4, seed: int = 0) -> str:  # fmt: skip
     """Write ``count`` scenes of ``split`` under ``root`` as a VOC-style folder; returns ``root``.
 
-    The scenes are those of :func:`deformable.data.scenes.generate_scenes` with the same
-    arguments (the same random draws: the images are pixel for pixel the detection scenes'),
-    and their masks: a pixel is labelled with the category of the last object drawn over it
-    with an opacity of at least 0.5 (``1 + index`` in :data:`~deformable.data.scenes.CATEGORIES`),
-    background (0) elsewhere. Images are lossless PNGs (named ``<split>_<n>.png`` under
-    ``JPEGImages/``, as VOC keeps every split in one folder), masks palette PNGs; the split file
-    is written last, so a split whose file exists is complete. ``classes.txt`` names the 14
-    classes.
+    The scenes are those :func:`deformable.data.scenes.generate_scenes` writes with the same
+    arguments, and each one's class map is drawn from its objects' instance masks (their visible
+    parts: where an object's opacity is at least 0.5 and no later object covers it so), each
+    labelled with its category (``1 + index`` in :data:`~deformable.data.scenes.CATEGORIES`),
+    background (0) elsewhere. Images are the generator's lossless PNGs (named
+    ``<split>_<n>.png`` under ``JPEGImages/``, as VOC keeps every split in one folder), masks
+    palette PNGs; the split file is written last, so a split whose file exists is complete.
+    ``classes.txt`` names the 14 classes.
     """
-    from PIL import Image
-    from sklearn.datasets import load_digits
+    import json
+    import tempfile
 
-    if count < 1 or size < 32 or max_objects < 1:
-        raise ValueError(f"generate_segmentation_scenes: count >= 1, size >= 32 and max_objects >= 1 "
-                         f"expected, got {count}, {size}, {max_objects}")  # fmt: skip
-    digits = load_digits()
-    # everything below draws from ``g`` exactly as generate_scenes does, so the images are its
-    # images; only the masks are new
-    pool = [i for i in range(len(digits.target)) if (i % 4 == 0) == (split != "train")]
-    g = torch.Generator().manual_seed(seed * 7919 + sum(map(ord, split)))
+    from PIL import Image
+
+    from deformable.data.masks import decode_segmentation
+    from deformable.data.scenes import generate_scenes
+
     for folder in ("JPEGImages", "SegmentationClass", os.path.join("ImageSets", "Segmentation")):
         os.makedirs(os.path.join(root, folder), exist_ok=True)
     palette = voc_palette()
-
-    def rand():
-        return torch.rand(1, generator=g).item()
-
     ids = []
-    for image_id in range(1, count + 1):
-        canvas = 0.15 * torch.rand(3, size, size, generator=g) + 0.1 * rand()
-        labels = torch.zeros(size, size, dtype=torch.uint8)
-        boxes = []
-        for _ in range(1 + int(rand() * max_objects)):
-            category = int(rand() * len(CATEGORIES))
-            height = max(6, int(size * (0.06 + 0.3 * rand() ** 1.5)))
-            width = max(4, min(size - 2, int(height * math.exp((rand() - 0.5) * 1.4))))
-            for _attempt in range(20):
-                x, y = int(rand() * (size - width)), int(rand() * (size - height))
-                if _overlap((x, y, width, height), boxes) < 0.2:
-                    break
-            else:
-                continue
-            if category < 10:
-                index = pool[int(rand() * len(pool))]
-                digit = torch.as_tensor(digits.images[index], dtype=torch.float32) / 16
-                while int(digits.target[index]) != category:
-                    index = pool[int(rand() * len(pool))]
-                    digit = torch.as_tensor(digits.images[index], dtype=torch.float32) / 16
-                alpha = _digit_mask(digit, height, width)
-            else:
-                alpha = _shape_mask(CATEGORIES[category], height, width)
-            colour = 0.45 + 0.55 * torch.rand(3, 1, 1, generator=g)
-            region = canvas[:, y : y + height, x : x + width]
-            canvas[:, y : y + height, x : x + width] = region * (1 - alpha) + colour * alpha
-            labels[y : y + height, x : x + width][alpha >= OBJECT_OPACITY] = category + 1
-            boxes.append((x, y, width, height))
-        name = f"{split}_{image_id:06d}"
-        pixels = (canvas.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-        Image.fromarray(pixels).save(os.path.join(root, "JPEGImages", f"{name}.png"))
-        mask = Image.fromarray(labels.numpy())
-        mask.putpalette(palette)  # a palette PNG, as VOC's
-        mask.save(os.path.join(root, "SegmentationClass", f"{name}.png"))
-        ids.append(name)
+    with tempfile.TemporaryDirectory(dir=root) as scenes:
+        with open(generate_scenes(scenes, split, count, size=size, max_objects=max_objects, seed=seed)) as f:
+            coco = json.load(f)
+        objects: dict[int, list] = {image["id"]: [] for image in coco["images"]}
+        for annotation in coco["annotations"]:
+            objects[annotation["image_id"]].append(annotation)
+        for image in coco["images"]:
+            labels = torch.zeros(image["height"], image["width"], dtype=torch.uint8)
+            for annotation in objects[image["id"]]:  # visible parts: they do not overlap
+                instance = decode_segmentation(annotation["segmentation"], image["height"], image["width"])
+                labels[instance.bool()] = annotation["category_id"]
+            name = f"{split}_{image['id']:06d}"
+            os.replace(os.path.join(scenes, split, image["file_name"]),
+                       os.path.join(root, "JPEGImages", f"{name}.png"))  # fmt: skip
+            mask = Image.fromarray(labels.numpy())
+            mask.putpalette(palette)  # a palette PNG, as VOC's
+            mask.save(os.path.join(root, "SegmentationClass", f"{name}.png"))
+            ids.append(name)
     with open(os.path.join(root, "classes.txt"), "w") as f:
         f.write("\n".join(SCENE_CLASSES) + "\n")
     with open(_split_file(root, split), "w") as f:
