@@ -271,3 +271,113 @@ def test_an_rgb_image_file_of_another_size_is_resized_as_the_detector_does(detec
     assert code == 0
     assert "RoI (8, 4, 24, 12): --box" in capsys.readouterr().out
     assert (out / "explain.png").stat().st_size > 10_000
+
+
+@pytest.fixture(scope="module")
+def segmenters(tmp_path_factory):
+    """Checkpoints as `deformable train segment --image-size 48` writes them, built with
+    build_segmenter: a regular DeepLabV3-ResNet-18 and a DCNv2-conv5 one with small offsets (as
+    after some training); 48-px generated segmentation scenes are their data."""
+    from deformable.data.scenes import CATEGORIES
+    from deformable.data.segmentation import generate_segmentation_scenes
+    from deformable.engine import save_checkpoint
+    from deformable.models.build import build_segmenter
+    from deformable.nn import DeformConv2d
+
+    root = tmp_path_factory.mktemp("segment")
+    scenes = root / "scenes"
+    generate_segmentation_scenes(str(scenes), "train", 2, size=48, max_objects=2)
+    generate_segmentation_scenes(str(scenes), "val", 2, size=48, max_objects=2)
+    regular = {"task": "segment", "model": "deeplabv3_resnet18", "deform_stages": [],
+               "modulated": False, "output_stride": 8, "atrous_rates": [2, 4, 6], "image_size": 48,
+               "num_classes": len(CATEGORIES) + 1, "classes": ["background", *CATEGORIES]}  # fmt: skip
+    dcnv2 = dict(regular, deform_stages=[5], modulated=True)
+    paths = {}
+    for name, spec in (("regular", regular), ("dcnv2", dcnv2)):
+        torch.manual_seed(0)
+        model = build_segmenter(spec)
+        with torch.no_grad():
+            for layer in model.modules():
+                if isinstance(layer, DeformConv2d):
+                    layer.conv_offset.weight.normal_(0, 0.01)
+        paths[name] = str(root / name / "last.pt")
+        save_checkpoint(paths[name], {"model": model.state_dict(), "optimizer": {}, "scheduler": {},
+                                      "rng": torch.get_rng_state(), "epoch": 0, "history": {},
+                                      "config": {}, "model_spec": spec, "data": str(scenes)})  # fmt: skip
+    return paths
+
+
+def test_segmenter_checkpoints_side_by_side(segmenters, tmp_path, capsys):
+    out = tmp_path / "seg"
+    code = explain.main(["--checkpoint", segmenters["regular"], segmenters["dcnv2"], "--index", "1",
+                         "--error-bound", "0.5", "--out", str(out)])  # fmt: skip
+    assert code == 0
+    assert_pngs(out)
+    width, height = image_size(out / "explain.png")
+    assert height > width / 2  # two rows of three views
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("regular ") and "729 sampling points" in printed[0]
+    assert printed[1].startswith("DCNv2 conv5 ") and "729 sampling points" in printed[1]
+
+
+def test_a_segmenter_node_is_the_analysis_node(segmenters, tmp_path, capsys):
+    """The command explains the node the library's analysis does for the same image and layer."""
+    from deformable.analysis.chain import strongest_node
+    from deformable.analysis.figures import node_views
+    from deformable.analysis.loading import load_explainable, validation_segmentation_image
+
+    loaded = load_explainable(segmenters["dcnv2"])
+    assert loaded.kind == "segmenter" and loaded.label == "DCNv2 conv5"
+    image, source = validation_segmentation_image(loaded.data, 0, 48)
+    assert image.shape == (3, 48, 48) and source.startswith("validation image 0 (val_")
+    layer = "backbone.layer4.1.conv2"
+    node = strongest_node(loaded.model, image, layer)
+    views = node_views(loaded.model, image, layer, node, depth=3, error_bound=0.5)
+    code = explain.main(["--checkpoint", segmenters["dcnv2"], "--error-bound", "0.5", "--out",
+                         str(tmp_path / "one")])  # fmt: skip
+    assert code == 0
+    line = capsys.readouterr().out.splitlines()[0]
+    assert f"saliency region {views.saliency.size} px" in line
+
+
+def test_an_rgb_image_file_is_resized_as_the_segmenter_was_trained(segmenters, tmp_path, capsys):
+    from PIL import Image
+
+    from deformable.analysis.loading import fit_longer_side
+
+    path = tmp_path / "wide.png"
+    pixels = torch.zeros(40, 160, 3, dtype=torch.uint8)
+    pixels[10:30, 20:60] = torch.tensor([250, 40, 40], dtype=torch.uint8)
+    Image.fromarray(pixels.numpy()).save(path)
+    assert fit_longer_side(torch.rand(3, 40, 160), 48).shape == (3, 12, 48)
+    code = explain.main(["--checkpoint", segmenters["regular"], "--image", str(path), "--depth", "2",
+                         "--error-bound", "0.5", "--out", str(tmp_path / "wide")])  # fmt: skip
+    assert code == 0
+    assert_pngs(tmp_path / "wide")
+
+
+@pytest.mark.parametrize("case, message", [
+    ("bad_index", "--index must be in [0, 2) (the validation images of"),
+    ("missing_data", "the checkpoint's data folder '{tmp}/gone' does not exist"),
+    ("box", "--box is for detector checkpoints"),
+    ("two_kinds", "the checkpoints hold different kinds of network (detector, segmenter)"),
+])  # fmt: skip
+def test_bad_segmenter_input_is_an_error_naming_it(segmenters, detectors, tmp_path, capsys, case,
+                                                   message):  # fmt: skip
+    from deformable.engine import load_checkpoint
+
+    if case == "missing_data":
+        state = {k: v for k, v in load_checkpoint(segmenters["regular"]).items() if k != "optimizer"}
+        state["data"] = str(tmp_path / "gone")
+        torch.save(state, tmp_path / "other.pt")
+    argv = {
+        "bad_index": ["--checkpoint", segmenters["regular"], "--index", "2"],
+        "missing_data": ["--checkpoint", str(tmp_path / "other.pt")],
+        "box": ["--checkpoint", segmenters["regular"], "--box", "8", "10", "40", "30"],
+        "two_kinds": ["--checkpoint", segmenters["regular"], detectors["regular"]],
+    }[case]
+    assert explain.main(argv + ["--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("deformable explain: error: ") and err.count("\n") == 1
+    assert message.format(tmp=tmp_path) in err
+    assert not (tmp_path / "out").exists()

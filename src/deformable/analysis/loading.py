@@ -2,9 +2,9 @@
 name the file (``ExplainError``), never a traceback for a file a user handed over.
 
 :func:`load_explainable` reads any checkpoint ``deformable explain`` draws and says what it is
-(:class:`Explainable`): a DigitNet (``deformable demo``, ``train classify --model digitnet-*``)
-or a detector (``train detect``: Faster / Mask R-CNN). Another kind of network (a DeepLab of
-``train segment``, say) is one more branch in :func:`load_explainable` and one more ``kind``.
+(:class:`Explainable`): a DigitNet (``deformable demo``, ``train classify --model digitnet-*``),
+a detector (``train detect``: Faster / Mask R-CNN) or a segmenter (``train segment``: DeepLabV3).
+Another kind of network is one more branch in :func:`load_explainable` and one more ``kind``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["CANVAS", "ExplainError", "Explainable", "load_digitnet", "load_explainable",
-           "load_image", "load_rgb_image", "validation_scene", "detector_label"]
+           "load_image", "load_rgb_image", "validation_scene", "validation_segmentation_image",
+           "detector_label"]
 
 #: side of the demo's images (TransformedDigits' default canvas)
 CANVAS = 40
@@ -31,18 +32,19 @@ class Explainable:
     """A network read from a checkpoint by :func:`load_explainable`."""
 
     path: str
-    #: ``"digitnet"`` or ``"detector"``
+    #: ``"digitnet"``, ``"detector"`` or ``"segmenter"``
     kind: str
     #: the network, in eval mode
     model: nn.Module
     #: its name in figures: the DigitNet variant's label, or the detector's setting
     #: (``"DCNv2 conv3-5 + mdeform RoI pooling"``)
     label: str
-    #: DigitNet: its variant; detector: its ``model_spec``'s model name
+    #: DigitNet: its variant; detector, segmenter: its ``model_spec``'s model name
     variant: str
-    #: DigitNet: the data options (``copies``); detector: the checkpoint's ``model_spec``
+    #: DigitNet: the data options (``copies``); detector, segmenter: the checkpoint's ``model_spec``
     options: dict = field(default_factory=dict)
-    #: detector: the COCO folder it was trained on (its validation scenes are the images)
+    #: detector: the COCO folder it was trained on; segmenter: its VOC-style folder (their
+    #: validation images are the images explained)
     data: str | None = None
 
 
@@ -54,8 +56,9 @@ def _read(path: str) -> dict:
 
 def load_explainable(path: str) -> Explainable:
     """The network of a checkpoint ``deformable explain`` draws: a DigitNet (``<variant>.pt`` of
-    ``deformable demo``, ``last.pt`` of ``train classify --model digitnet-*``) or a Faster /
-    Mask R-CNN (``last.pt`` of ``deformable train detect``), rebuilt in eval mode.
+    ``deformable demo``, ``last.pt`` of ``train classify --model digitnet-*``), a Faster /
+    Mask R-CNN (``last.pt`` of ``deformable train detect``) or a DeepLabV3 (``last.pt`` of
+    ``deformable train segment``), rebuilt in eval mode.
 
     Raises CheckpointError naming the file if it is missing, unreadable or unsafe (it is read by
     :func:`deformable.engine.load_checkpoint`: it cannot run code), ExplainError if it holds
@@ -65,6 +68,8 @@ def load_explainable(path: str) -> Explainable:
     spec = checkpoint.get("model_spec") if isinstance(checkpoint, dict) else None
     if isinstance(spec, dict) and spec.get("task") == "detect":
         return _detector(path, checkpoint, spec)
+    if isinstance(spec, dict) and spec.get("task") == "segment":
+        return _segmenter(path, checkpoint, spec)
     model, variant, options = _digitnet(path, checkpoint)
     from deformable.models.digitnet import LABELS
 
@@ -117,6 +122,23 @@ def _detector(path: str, checkpoint: dict, spec: dict) -> Explainable:
                        data if isinstance(data, str) else None)  # fmt: skip
 
 
+def _segmenter(path: str, checkpoint: dict, spec: dict) -> Explainable:
+    from deformable.models.build import build_segmenter
+
+    name = str(spec.get("model", ""))
+    if "model" not in checkpoint:
+        raise ExplainError(f"checkpoint {path!r} has a model_spec but no 'model' weights")
+    try:
+        model = build_segmenter(spec)
+        model.load_state_dict(checkpoint["model"])
+    except (KeyError, ValueError, TypeError, RuntimeError) as error:
+        raise ExplainError(f"checkpoint {path!r} does not rebuild into a segmenter ({name!r}): "
+                           f"{error}") from None  # fmt: skip
+    data = checkpoint.get("data")
+    return Explainable(path, "segmenter", model.eval(), detector_label(spec), name, dict(spec),
+                       data if isinstance(data, str) else None)  # fmt: skip
+
+
 def load_digitnet(path: str) -> tuple[nn.Module, str, dict]:
     """``(model in eval mode, variant, data options)`` from a checkpoint of a DigitNet: written by
     ``deformable demo`` (``<variant>.pt``) or ``deformable train classify --model digitnet-*``
@@ -140,8 +162,8 @@ def _digitnet(path: str, checkpoint) -> tuple[nn.Module, str, dict]:
             task = spec.get("task", "classify")
             raise ExplainError(f"checkpoint {path!r} holds a {task} model {name!r}; explain draws "
                                "DigitNet checkpoints (deformable demo, or train classify --model "
-                               "digitnet-*) and detector checkpoints (train detect: Faster / "
-                               "Mask R-CNN)")  # fmt: skip
+                               "digitnet-*), detector checkpoints (train detect: Faster / "
+                               "Mask R-CNN) and segmenter checkpoints (train segment)")  # fmt: skip
         checkpoint = {"variant": name.split("-", 1)[1], "state_dict": checkpoint["model"],
                       # the demo records its digit copies; train's digits: TransformedDigits' default
                       "config": {"copies": 4, **checkpoint.get("data_options", {})}}  # fmt: skip
@@ -219,3 +241,36 @@ def validation_scene(data: str | None, index: int) -> tuple[Tensor, str]:
     except DataError as error:
         raise ExplainError(f"the checkpoint's data {data!r}: {error}") from None
     return image, f"validation image {index} ({scenes.images[target['image_id']]['file_name']})"
+
+
+def validation_segmentation_image(data: str | None, index: int,
+                                  image_size: int | None = None) -> tuple[Tensor, str]:  # fmt: skip
+    """``(image [3, H, W], description)``: validation image ``index`` of a segmenter's VOC-style
+    folder (the checkpoint's ``data``), its longer side resized to ``image_size`` as in training.
+    Raises ExplainError if the folder is gone or unreadable or ``index`` is out of range."""
+    from deformable.data.folder import DataError
+    from deformable.data.segmentation import SegmentationFolder
+
+    if not data or not os.path.isdir(data):
+        raise ExplainError(f"the checkpoint's data folder {data!r} does not exist (moved, or "
+                           "trained elsewhere?); pass an image with --image FILE")  # fmt: skip
+    try:
+        images = SegmentationFolder(data, "val", image_size=image_size)
+        if not 0 <= index < len(images):
+            raise ExplainError(f"--index must be in [0, {len(images)}) (the validation images of "
+                               f"{data!r}), got {index}")  # fmt: skip
+        image, _ = images[index]
+    except DataError as error:
+        raise ExplainError(f"the checkpoint's data {data!r}: {error}") from None
+    return image, f"validation image {index} ({images.ids[index]})"
+
+
+def fit_longer_side(image: Tensor, size: int | None) -> Tensor:
+    """``image [C, H, W]`` resized (bilinear) so that its longer side is ``size`` (aspect kept), as
+    :class:`~deformable.data.segmentation.SegmentationFolder` resizes; as it is if ``size`` is None."""
+    if size is None or max(image.shape[-2:]) == size:
+        return image
+    scale = size / max(image.shape[-2:])
+    shape = [max(1, round(side * scale)) for side in image.shape[-2:]]
+    return torch.nn.functional.interpolate(image[None], size=shape, mode="bilinear",
+                                           align_corners=False)[0]  # fmt: skip

@@ -23,6 +23,12 @@ centre) and the per-RoI node, the box head's 2fc output for one box (``--box X1 
 pixels of the image; default: the first checkpoint's most confident detection), its bins'
 sample points followed down the FPN and the backbone (``--roi-depth``). ``explain.png`` has a
 row per checkpoint; ``backbone_*.png`` and ``roi_*.png`` hold one view each.
+
+For checkpoints of ``deformable train segment`` (DeepLabV3), the image is a validation image of
+the checkpoint's VOC-style folder (``--index``) or an RGB file (``--image``, its longer side
+resized to the training ``--image-size``), and the node is one of the last layer of conv5
+(``--node``/``--layer``; default: the first model's most active position there): the same files
+as for DigitNets, a row per checkpoint.
 """
 
 from __future__ import annotations
@@ -30,8 +36,9 @@ from __future__ import annotations
 import argparse
 import os
 
-from deformable.analysis.loading import (CANVAS, ExplainError, load_explainable, load_image,
-                                         load_rgb_image, validation_scene)  # fmt: skip
+from deformable.analysis.loading import (CANVAS, ExplainError, fit_longer_side, load_explainable,
+                                         load_image, load_rgb_image, validation_scene,
+                                         validation_segmentation_image)  # fmt: skip
 from deformable.commands import add_device_argument, run_command
 from deformable.engine.devices import resolve_device
 
@@ -41,18 +48,19 @@ def _parser() -> argparse.ArgumentParser:
                                      description=__doc__.split("\n\n")[0])  # fmt: skip
     parser.add_argument("--checkpoint", nargs="+", required=True, metavar="CKPT",
                         help="one or more <variant>.pt files from `deformable demo`, or last.pt "
-                             "of `deformable train`, drawn side by side")  # fmt: skip
+                             "of `deformable train` (classify digitnet-*, detect, segment), drawn "
+                             "side by side")  # fmt: skip
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--image", metavar="PATH", help="a PNG / JPEG image (DigitNets: grayscale, "
-                        f"resized to {CANVAS}x{CANVAS}; detectors: RGB)")  # fmt: skip
+                        f"resized to {CANVAS}x{CANVAS}; detectors, segmenters: RGB)")  # fmt: skip
     source.add_argument("--index", type=int, metavar="N",
                         help="a TransformedDigits test image, or a validation image of a "
-                             "detector's data (default: 0)")  # fmt: skip
+                             "detector's or segmenter's data (default: 0)")  # fmt: skip
     parser.add_argument("--invert", action="store_true",
                         help="invert --image (for dark ink on a light background)")  # fmt: skip
     parser.add_argument("--layer", metavar="NAME",
                         help="the node's layer (default: the last convolution; of conv5 for "
-                             "detectors)")  # fmt: skip
+                             "detectors and segmenters)")  # fmt: skip
     parser.add_argument("--node", nargs=2, type=int, metavar=("Y", "X"),
                         help="node position in the layer's output map (default: the most active "
                              "position of the first model; for detectors the node nearest the "
@@ -111,14 +119,22 @@ def run(args: argparse.Namespace) -> list[str]:
         return _run_detectors(args, checkpoints)
     if args.box is not None:
         raise ExplainError("--box is for detector checkpoints (deformable train detect)")
-    loaded = [(c.model, c.variant, c.options) for c in checkpoints]
-    models = [m for m, _, _ in loaded]
-    if args.image is not None:
+    models = [c.model for c in checkpoints]
+    if kinds == ["segmenter"]:
+        size = checkpoints[0].options.get("image_size")
+        if args.image is not None:
+            image = fit_longer_side(load_rgb_image(args.image, invert=args.invert), size)
+            source = os.path.basename(args.image)
+        else:
+            image, source = validation_segmentation_image(
+                checkpoints[0].data, 0 if args.index is None else args.index, size)
+    elif args.image is not None:
         image = load_image(args.image, invert=args.invert)
         source = os.path.basename(args.image)
     else:
         index = 0 if args.index is None else args.index
-        test_set = TransformedDigits("test", copies=int(loaded[0][2].get("copies", 1)))
+        copies = int(checkpoints[0].options.get("copies", 1))
+        test_set = TransformedDigits("test", copies=copies)
         if not 0 <= index < len(test_set):
             raise ExplainError(f"--index must be in [0, {len(test_set)}) (the test set of the "
                                f"checkpoint's data), got {index}")  # fmt: skip
