@@ -108,34 +108,40 @@ def _detector(path: str, checkpoint: dict, spec: dict) -> Explainable:
         raise ExplainError(f"checkpoint {path!r} holds an R-FCN ({name!r}), which has no 2fc box "
                            "head; explain draws Faster / Mask R-CNN checkpoints of `deformable "
                            "train detect`")  # fmt: skip
-    if "model" not in checkpoint:
-        raise ExplainError(f"checkpoint {path!r} has a model_spec but no 'model' weights")
-    try:
+
+    def build(spec):
         model = build_detector(spec)
         model.load_state_dict(checkpoint["model"])
         detector_parts(model, "explain")
-    except (KeyError, ValueError, TypeError, RuntimeError) as error:
-        raise ExplainError(f"checkpoint {path!r} does not rebuild into a detector ({name!r}): "
-                           f"{error}") from None  # fmt: skip
-    data = checkpoint.get("data")
-    return Explainable(path, "detector", model.eval(), detector_label(spec), name, dict(spec),
-                       data if isinstance(data, str) else None)  # fmt: skip
+        return model
+
+    return _rebuilt(path, checkpoint, spec, "detector", build)
 
 
 def _segmenter(path: str, checkpoint: dict, spec: dict) -> Explainable:
     from deformable.models.build import build_segmenter
 
+    def build(spec):
+        model = build_segmenter(spec)
+        model.load_state_dict(checkpoint["model"])
+        return model
+
+    return _rebuilt(path, checkpoint, spec, "segmenter", build)
+
+
+def _rebuilt(path: str, checkpoint: dict, spec: dict, kind: str, build) -> Explainable:
+    """The :class:`Explainable` of a ``train detect`` / ``train segment`` checkpoint: the network
+    ``build(spec)`` makes and loads, or an ExplainError naming the file."""
     name = str(spec.get("model", ""))
     if "model" not in checkpoint:
         raise ExplainError(f"checkpoint {path!r} has a model_spec but no 'model' weights")
     try:
-        model = build_segmenter(spec)
-        model.load_state_dict(checkpoint["model"])
+        model = build(spec)
     except (KeyError, ValueError, TypeError, RuntimeError) as error:
-        raise ExplainError(f"checkpoint {path!r} does not rebuild into a segmenter ({name!r}): "
+        raise ExplainError(f"checkpoint {path!r} does not rebuild into a {kind} ({name!r}): "
                            f"{error}") from None  # fmt: skip
     data = checkpoint.get("data")
-    return Explainable(path, "segmenter", model.eval(), detector_label(spec), name, dict(spec),
+    return Explainable(path, kind, model.eval(), detector_label(spec), name, dict(spec),
                        data if isinstance(data, str) else None)  # fmt: skip
 
 
@@ -222,24 +228,35 @@ def load_rgb_image(path: str, *, invert: bool = False) -> Tensor:
     return 1 - image if invert else image
 
 
-def validation_scene(data: str | None, index: int) -> tuple[Tensor, str]:
-    """``(image [3, H, W], description)``: validation image ``index`` of a detector's COCO folder
-    (``data/val``, ``data/annotations_val.json``: the checkpoint's ``data``). Raises
-    ExplainError if the folder is gone or ``index`` is out of range."""
-    from deformable.data.coco import CocoDetection
+def _validation_item(data: str | None, index: int, open_split):
+    """``(set, set[index])`` of the validation set ``open_split(data)`` opens in a checkpoint's
+    data folder, with an ExplainError naming what is wrong: the folder gone, its data unreadable,
+    ``index`` out of range."""
     from deformable.data.folder import DataError
 
     if not data or not os.path.isdir(data):
         raise ExplainError(f"the checkpoint's data folder {data!r} does not exist (moved, or "
                            "trained elsewhere?); pass an image with --image FILE")  # fmt: skip
     try:
-        scenes = CocoDetection(os.path.join(data, "val"), os.path.join(data, "annotations_val.json"))
-        if not 0 <= index < len(scenes):
-            raise ExplainError(f"--index must be in [0, {len(scenes)}) (the validation images of "
+        images = open_split(data)
+        if not 0 <= index < len(images):
+            raise ExplainError(f"--index must be in [0, {len(images)}) (the validation images of "
                                f"{data!r}), got {index}")  # fmt: skip
-        image, target = scenes[index]
+        return images, images[index]
     except DataError as error:
         raise ExplainError(f"the checkpoint's data {data!r}: {error}") from None
+
+
+def validation_scene(data: str | None, index: int) -> tuple[Tensor, str]:
+    """``(image [3, H, W], description)``: validation image ``index`` of a detector's COCO folder
+    (``data/val``, ``data/annotations_val.json``: the checkpoint's ``data``). Raises
+    ExplainError if the folder is gone or ``index`` is out of range."""
+    from deformable.data.coco import CocoDetection
+
+    def open_split(root):
+        return CocoDetection(os.path.join(root, "val"), os.path.join(root, "annotations_val.json"))
+
+    scenes, (image, target) = _validation_item(data, index, open_split)
     return image, f"validation image {index} ({scenes.images[target['image_id']]['file_name']})"
 
 
@@ -248,20 +265,10 @@ def validation_segmentation_image(data: str | None, index: int,
     """``(image [3, H, W], description)``: validation image ``index`` of a segmenter's VOC-style
     folder (the checkpoint's ``data``), its longer side resized to ``image_size`` as in training.
     Raises ExplainError if the folder is gone or unreadable or ``index`` is out of range."""
-    from deformable.data.folder import DataError
     from deformable.data.segmentation import SegmentationFolder
 
-    if not data or not os.path.isdir(data):
-        raise ExplainError(f"the checkpoint's data folder {data!r} does not exist (moved, or "
-                           "trained elsewhere?); pass an image with --image FILE")  # fmt: skip
-    try:
-        images = SegmentationFolder(data, "val", image_size=image_size)
-        if not 0 <= index < len(images):
-            raise ExplainError(f"--index must be in [0, {len(images)}) (the validation images of "
-                               f"{data!r}), got {index}")  # fmt: skip
-        image, _ = images[index]
-    except DataError as error:
-        raise ExplainError(f"the checkpoint's data {data!r}: {error}") from None
+    images, (image, _) = _validation_item(
+        data, index, lambda root: SegmentationFolder(root, "val", image_size=image_size))
     return image, f"validation image {index} ({images.ids[index]})"
 
 

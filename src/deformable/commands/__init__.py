@@ -85,6 +85,20 @@ def stage_list(parser: argparse.ArgumentParser, stages: list[int]) -> list[int]:
     return stages
 
 
+def train_or_ablate(device, ablation: bool, ablate: Callable[[], str], train: Callable[[], object]) -> None:
+    """In a (torchrun) session on ``device``: ``ablate()``, whose table the first process prints,
+    if ``ablation``, else ``train()``."""
+    from deformable.engine import distributed
+
+    with distributed.session(device):  # under torchrun: data-parallel
+        if ablation:
+            table = ablate()
+            if distributed.rank_and_world()[0] == 0:
+                print(table)
+        else:
+            train()
+
+
 def write_json(path: str | None, data) -> None:
     """``data`` as JSON at ``path`` (nothing when None)."""
     if path:

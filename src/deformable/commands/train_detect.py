@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import argparse
 
-from deformable.commands import add_device_argument, add_train_config_arguments, positive, run_command, stage_list, train_config
-from deformable.engine import distributed
+from deformable.commands import (add_device_argument, add_train_config_arguments, positive, run_command,
+                                 stage_list, train_config, train_or_ablate)  # fmt: skip
 from deformable.engine.devices import resolve_device
 from deformable.experiments.detection import run_ablation
 from deformable.experiments.runs import train_detector
@@ -64,13 +64,9 @@ def _train(argv: list[str]) -> int:
             "image_size": args.image_size}  # fmt: skip
     options = dict(limit=args.limit, resume=args.resume, progress=not args.no_progress, device=device,
                    workers=args.workers)  # fmt: skip
-    with distributed.session(device):  # under torchrun: data-parallel
-        if args.ablation:
-            table = run_ablation(spec, args.data, config, args.out, seeds=args.seeds, **options)
-            if distributed.rank_and_world()[0] == 0:
-                print(table)
-        else:
-            train_detector(spec, args.data, config, args.out, **options)
+    train_or_ablate(device, args.ablation,
+                    lambda: run_ablation(spec, args.data, config, args.out, seeds=args.seeds, **options),
+                    lambda: train_detector(spec, args.data, config, args.out, **options))  # fmt: skip
     return 0
 
 

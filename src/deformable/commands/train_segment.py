@@ -19,8 +19,7 @@ import os
 import sys
 
 from deformable.commands import (add_device_argument, add_train_config_arguments, positive, run_command,
-                                 stage_list, train_config)  # fmt: skip
-from deformable.engine import distributed
+                                 stage_list, train_config, train_or_ablate)  # fmt: skip
 from deformable.engine.devices import resolve_device
 from deformable.experiments.segmentation import run_ablation, train_segmenter
 from deformable.models.build import SEGMENTERS
@@ -84,13 +83,9 @@ def _train(argv: list[str]) -> int:
                    workers=args.workers)  # fmt: skip
     if args.resume and not args.ablation and not os.path.exists(os.path.join(args.out, "last.pt")):
         print(f"deformable train: nothing to resume in {args.out!r}; starting afresh", file=sys.stderr)
-    with distributed.session(device):  # under torchrun: data-parallel
-        if args.ablation:
-            table = run_ablation(spec, args.data, config, args.out, seeds=args.seeds, **options)
-            if distributed.rank_and_world()[0] == 0:
-                print(table)
-        else:
-            train_segmenter(spec, args.data, config, args.out, **options)
+    train_or_ablate(device, args.ablation,
+                    lambda: run_ablation(spec, args.data, config, args.out, seeds=args.seeds, **options),
+                    lambda: train_segmenter(spec, args.data, config, args.out, **options))  # fmt: skip
     return 0
 
 
