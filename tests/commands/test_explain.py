@@ -130,6 +130,19 @@ DETECTOR_OUTPUTS = ("explain.png", "backbone_sampling_locations.png", "backbone_
                     "roi_saliency.png")  # fmt: skip
 
 
+def trained_like(build, spec, offset_std):
+    """``build(spec)`` (seed 0) with small offsets, as after some training."""
+    from deformable.nn import DeformConv2d
+
+    torch.manual_seed(0)
+    model = build(spec)
+    with torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, DeformConv2d):
+                layer.conv_offset.weight.normal_(0, offset_std)
+    return model
+
+
 @pytest.fixture(scope="module")
 def detectors(tmp_path_factory):
     """Checkpoints as `deformable train detect --image-size 64` writes them (the training loop's
@@ -140,7 +153,6 @@ def detectors(tmp_path_factory):
     from deformable.data.scenes import CATEGORIES, generate_scenes
     from deformable.engine import save_checkpoint
     from deformable.models.build import build_detector
-    from deformable.nn import DeformConv2d
 
     root = tmp_path_factory.mktemp("detect")
     scenes = root / "scenes"
@@ -153,12 +165,8 @@ def detectors(tmp_path_factory):
     regular = dict(dcnv2, deform_stages=[], modulated=False, roi_pool="align")
     paths = {}
     for name, spec in (("dcnv2", dcnv2), ("regular", regular), ("blind", regular)):
-        torch.manual_seed(0)
-        model = build_detector(spec)
+        model = trained_like(build_detector, spec, 0.002)
         with torch.no_grad():
-            for layer in model.modules():
-                if isinstance(layer, DeformConv2d):
-                    layer.conv_offset.weight.normal_(0, 0.002)
             if name != "dcnv2":
                 model.roi_heads.box_predictor.cls_score.bias[1 if name == "regular" else 0] = 50.0
         paths[name] = str(root / name / "last.pt")
@@ -282,7 +290,6 @@ def segmenters(tmp_path_factory):
     from deformable.data.segmentation import generate_segmentation_scenes
     from deformable.engine import save_checkpoint
     from deformable.models.build import build_segmenter
-    from deformable.nn import DeformConv2d
 
     root = tmp_path_factory.mktemp("segment")
     scenes = root / "scenes"
@@ -294,12 +301,7 @@ def segmenters(tmp_path_factory):
     dcnv2 = dict(regular, deform_stages=[5], modulated=True)
     paths = {}
     for name, spec in (("regular", regular), ("dcnv2", dcnv2)):
-        torch.manual_seed(0)
-        model = build_segmenter(spec)
-        with torch.no_grad():
-            for layer in model.modules():
-                if isinstance(layer, DeformConv2d):
-                    layer.conv_offset.weight.normal_(0, 0.01)
+        model = trained_like(build_segmenter, spec, 0.01)
         paths[name] = str(root / name / "last.pt")
         save_checkpoint(paths[name], {"model": model.state_dict(), "optimizer": {}, "scheduler": {},
                                       "rng": torch.get_rng_state(), "epoch": 0, "history": {},
