@@ -130,6 +130,15 @@ DETECTOR_OUTPUTS = ("explain.png", "backbone_sampling_locations.png", "backbone_
                     "roi_saliency.png")  # fmt: skip
 
 
+def assert_one_line_error(argv, message, tmp_path, capsys):
+    """explain on ``argv`` exits 2 with one error line holding ``message`` and writes nothing."""
+    assert explain.main(argv + ["--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("deformable explain: error: ") and err.count("\n") == 1
+    assert message.format(tmp=tmp_path) in err
+    assert not (tmp_path / "out").exists()
+
+
 def trained_like(build, spec, offset_std):
     """``build(spec)`` (seed 0) with small offsets, as after some training."""
     from deformable.nn import DeformConv2d
@@ -257,11 +266,7 @@ def test_bad_detector_input_is_an_error_naming_it(detectors, checkpoints, tmp_pa
         "bad_node": ["--checkpoint", detectors["regular"], "--node", "5", "0"] + box,
         "box_for_digits": ["--checkpoint", checkpoints["regular"]] + box,
     }[case]
-    assert explain.main(argv + ["--out", str(tmp_path / "out")]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("deformable explain: error: ") and err.count("\n") == 1
-    assert message.format(tmp=tmp_path) in err
-    assert not (tmp_path / "out").exists()
+    assert_one_line_error(argv, message, tmp_path, capsys)
 
 
 def test_an_rgb_image_file_of_another_size_is_resized_as_the_detector_does(detectors, tmp_path, capsys):
@@ -378,8 +383,4 @@ def test_bad_segmenter_input_is_an_error_naming_it(segmenters, detectors, tmp_pa
         "box": ["--checkpoint", segmenters["regular"], "--box", "8", "10", "40", "30"],
         "two_kinds": ["--checkpoint", segmenters["regular"], detectors["regular"]],
     }[case]
-    assert explain.main(argv + ["--out", str(tmp_path / "out")]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("deformable explain: error: ") and err.count("\n") == 1
-    assert message.format(tmp=tmp_path) in err
-    assert not (tmp_path / "out").exists()
+    assert_one_line_error(argv, message, tmp_path, capsys)
