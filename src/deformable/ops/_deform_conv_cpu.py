@@ -275,30 +275,36 @@ def _block(tile, b):
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _block_bases(geo, tile, item, rows, base_y, base_x):
-    """Regular-grid coordinates (before the kernel offset) of ``rows`` tile rows from ``item``."""
+def _block_bases(geo, tile, item, rows, grid):
+    """Regular-grid coordinates (before the kernel offset) of ``rows`` tile rows from ``item``:
+    y and x of position q at ``grid[2 * q]`` and ``grid[2 * q + 1]`` (one array, see ``_taps``)."""
     sh, sw, ph, pw = geo[_SH], geo[_SW], geo[_PH], geo[_PW]
     r0, c0, rb, wb = tile[1], tile[2], tile[4], tile[5]
     ho = r0 + item % rb
     q = 0
     for r in range(rows):
         for wl in range(wb):
-            base_y[q] = np.float64((ho + r) * sh - ph)
-            base_x[q] = np.float64((c0 + wl) * sw - pw)
+            grid[2 * q] = np.float64((ho + r) * sh - ph)
+            grid[2 * q + 1] = np.float64((c0 + wl) * sw - pw)
             q += 1
 
 
 @njit(nogil=True, cache=True, fastmath=_FASTMATH, inline="always")
-def _taps(off, msk, has_mask, o_y, o_x, o_m, base_y, base_x, dy, dx, geo, count, index, weight,
-          s, stride):  # fmt: skip
+def _taps(off, msk, has_mask, o_y, o_x, o_m, grid, dy, dx, geo, count, index, weight, s):
     """Corners and bilinear weights of one kernel tap at ``count`` consecutive output positions.
 
     The loop runs across positions (offsets are contiguous there), so it vectorises whatever the
     number of channels. Position q gets ``index[s + q]``, the flat offset in a padded image
-    (``_padded``) of its top-left corner, and ``weight[s + q + p * stride]`` (p = 0..3), its
-    bilinear weights times the mask. A sample outside ``(-1, H) x (-1, W)`` gets zero weights
-    and the corner of a block of padding, so it reads zeros without a branch. The index is
-    computed in float64 (exact) and converted once: integer multiplies do not vectorise well.
+    (``_padded``) of its top-left corner, and ``weight[4 * (s + q) + p]`` (p = 0..3), its
+    bilinear weights times the mask, side by side as the blend reads them. A sample outside
+    ``(-1, H) x (-1, W)`` gets zero weights and the corner of a block of padding, so it reads
+    zeros without a branch. The index is computed in float64 (exact) and converted once: integer
+    multiplies do not vectorise well.
+
+    LLVM vectorises the loop only where a few runtime checks tell its stores from its loads:
+    weights written in four planes (``weight[s + q + p * stride]``, the stride unknown to it)
+    or the grid read from two arrays kept it scalar (measured: 7 ns a position and tap, against
+    1.5 ns vectorised).
     """
     height, width, channels = geo[_H], geo[_W], geo[_C]
     rowf = np.float64((width + 2) * channels)
@@ -308,10 +314,10 @@ def _taps(off, msk, has_mask, o_y, o_x, o_m, base_y, base_x, dy, dx, geo, count,
     fw = np.float64(width)
     cast = weight.dtype.type
     o_y, o_x, o_m = np.uint64(o_y), np.uint64(o_x), np.uint64(o_m)
-    s, stride = np.uint64(s), np.uint64(stride)
+    s = np.uint64(s)
     for q in range(np.uint64(count)):
-        yy = base_y[q] + dy + off[o_y + q]
-        xx = base_x[q] + dx + off[o_x + q]
+        yy = grid[np.uint64(2) * q] + dy + off[o_y + q]
+        xx = grid[np.uint64(2) * q + np.uint64(1)] + dx + off[o_x + q]
         m = msk[o_m + q] if has_mask else 1.0
         inside = (yy > -1.0) & (yy < fh) & (xx > -1.0) & (xx < fw)
         yf = math.floor(yy)
@@ -323,20 +329,22 @@ def _taps(off, msk, has_mask, o_y, o_x, o_m, base_y, base_x, dy, dx, geo, count,
         ly = yy - yf if inside else 0.0
         lx = xx - xf if inside else 0.0
         mm = np.float64(m) if inside else 0.0
-        weight[s + q] = cast((1.0 - ly) * (1.0 - lx) * mm)
-        weight[s + q + stride] = cast((1.0 - ly) * lx * mm)
-        weight[s + q + 2 * stride] = cast(ly * (1.0 - lx) * mm)
-        weight[s + q + 3 * stride] = cast(ly * lx * mm)
+        w = np.uint64(4) * (s + q)
+        weight[w] = cast((1.0 - ly) * (1.0 - lx) * mm)
+        weight[w + np.uint64(1)] = cast((1.0 - ly) * lx * mm)
+        weight[w + np.uint64(2)] = cast(ly * (1.0 - lx) * mm)
+        weight[w + np.uint64(3)] = cast(ly * lx * mm)
 
 
 @njit(nogil=True, cache=True, fastmath=_FASTMATH, inline="always")
-def _taps_backward(off, msk, has_mask, o_y, o_x, o_m, base_y, base_x, dy, dx, geo, count, index,
-                   frac, s, stride, weights):  # fmt: skip
+def _taps_backward(off, msk, has_mask, o_y, o_x, o_m, grid, dy, dx, geo, count, index, frac, s,
+                   weights):  # fmt: skip
     """As ``_taps`` for the backward: the band includes -1 (the one-sided derivative there,
-    torchvision's convention); ``frac[s + q + p * stride]`` holds for p = 0..3 the fractions ly
-    and lx, the mask and the padded row of the top corners (-1 outside the band), and with
-    ``weights`` for p = 4..7 the four bilinear weights times the mask. Outside the band every
-    one of them but the row is zero, and the corner a block of padding."""
+    torchvision's convention); ``frac[span * (s + q) + p]`` (``span`` = 4, or 8 with
+    ``weights``) holds for p = 0..3 the fractions ly and lx, the mask and the padded row of the
+    top corners (-1 outside the band), and with ``weights`` for p = 4..7 the four bilinear
+    weights times the mask. Outside the band every one of them but the row is zero, and the
+    corner a block of padding."""
     height, width, channels = geo[_H], geo[_W], geo[_C]
     rowf = np.float64((width + 2) * channels)
     colf = np.float64(channels)
@@ -345,10 +353,11 @@ def _taps_backward(off, msk, has_mask, o_y, o_x, o_m, base_y, base_x, dy, dx, ge
     fw = np.float64(width)
     cast = frac.dtype.type
     o_y, o_x, o_m = np.uint64(o_y), np.uint64(o_x), np.uint64(o_m)
-    s, stride = np.uint64(s), np.uint64(stride)
+    s = np.uint64(s)
+    span = np.uint64(8 if weights else 4)
     for q in range(np.uint64(count)):
-        yy = base_y[q] + dy + off[o_y + q]
-        xx = base_x[q] + dx + off[o_x + q]
+        yy = grid[np.uint64(2) * q] + dy + off[o_y + q]
+        xx = grid[np.uint64(2) * q + np.uint64(1)] + dx + off[o_x + q]
         m = msk[o_m + q] if has_mask else 1.0
         inside = (yy >= -1.0) & (yy < fh) & (xx >= -1.0) & (xx < fw)
         yf = math.floor(yy)
@@ -358,20 +367,21 @@ def _taps_backward(off, msk, has_mask, o_y, o_x, o_m, base_y, base_x, dy, dx, ge
         ly = yy - yf if inside else 0.0
         lx = xx - xf if inside else 0.0
         mm = np.float64(m) if inside else 0.0
-        frac[s + q] = cast(ly)
-        frac[s + q + stride] = cast(lx)
-        frac[s + q + 2 * stride] = cast(mm)
-        frac[s + q + 3 * stride] = cast(yf + 1.0 if inside else -1.0)
+        f = span * (s + q)
+        frac[f] = cast(ly)
+        frac[f + np.uint64(1)] = cast(lx)
+        frac[f + np.uint64(2)] = cast(mm)
+        frac[f + np.uint64(3)] = cast(yf + 1.0 if inside else -1.0)
         if weights:
-            frac[s + q + 4 * stride] = cast((1.0 - ly) * (1.0 - lx) * mm)
-            frac[s + q + 5 * stride] = cast((1.0 - ly) * lx * mm)
-            frac[s + q + 6 * stride] = cast(ly * (1.0 - lx) * mm)
-            frac[s + q + 7 * stride] = cast(ly * lx * mm)
+            frac[f + np.uint64(4)] = cast((1.0 - ly) * (1.0 - lx) * mm)
+            frac[f + np.uint64(5)] = cast((1.0 - ly) * lx * mm)
+            frac[f + np.uint64(6)] = cast(ly * (1.0 - lx) * mm)
+            frac[f + np.uint64(7)] = cast(ly * lx * mm)
 
 
 @njit(nogil=True, cache=True, fastmath=_FASTMATH, inline="always")
-def _locate_block(off, msk, has_mask, geo, tile, item, rows, base_y, base_x, index, values,
-                  stride, backward, weights):  # fmt: skip
+def _locate_block(off, msk, has_mask, geo, tile, item, rows, grid, index, values, backward,
+                  weights):  # fmt: skip
     """Every tap of a block: ``_taps`` (or ``_taps_backward``) for each (group, tap), their
     positions at ``(g * K + k) * count + q``. Returns the block's first position in its plane."""
     out_w, groups, kh, kw = geo[_OW], geo[_G], geo[_KH], geo[_KW]
@@ -382,7 +392,7 @@ def _locate_block(off, msk, has_mask, geo, tile, item, rows, base_y, base_x, ind
     nl = item // rb
     n = n0 + nl
     count = rows * wb
-    _block_bases(geo, tile, item, rows, base_y, base_x)
+    _block_bases(geo, tile, item, rows, grid)
     first = (r0 + item - nl * rb) * out_w + c0  # the block's positions are consecutive
     for gk in range(groups * taps):
         g = gk // taps
@@ -393,17 +403,16 @@ def _locate_block(off, msk, has_mask, geo, tile, item, rows, base_y, base_x, ind
         dx = np.float64((k - i * kw) * dw)
         if backward:
             _taps_backward(off, msk, has_mask, 2 * at * plane + first, (2 * at + 1) * plane + first,
-                           at * plane + first, base_y, base_x, dy, dx, geo, count, index, values,
-                           gk * count, stride, weights)  # fmt: skip
+                           at * plane + first, grid, dy, dx, geo, count, index, values, gk * count,
+                           weights)  # fmt: skip
         else:
             _taps(off, msk, has_mask, 2 * at * plane + first, (2 * at + 1) * plane + first,
-                  at * plane + first, base_y, base_x, dy, dx, geo, count, index, values,
-                  gk * count, stride)  # fmt: skip
+                  at * plane + first, grid, dy, dx, geo, count, index, values, gk * count)
     return first
 
 
 @njit(nogil=True, cache=True, fastmath=_FASTMATH)
-def _blend_block_simple(out, pad, image, index, weight, stride, geo, dest, lay, item, rows, wb):
+def _blend_block_simple(out, pad, image, index, weight, geo, dest, lay, item, rows, wb):
     """``_blend_block`` when every offset group is one run of channels, written contiguously."""
     channels, groups, kw = geo[_C], geo[_G], geo[_KW]
     cpg = channels // groups
@@ -423,8 +432,8 @@ def _blend_block_simple(out, pad, image, index, weight, stride, geo, dest, lay, 
                 for g in range(groups):
                     a = np.uint64(image + index[t] + g * cpg)
                     o = np.uint64(at + i * s_i + j * s_j + dest[g])
-                    w00, w01 = weight[t], weight[t + stride]
-                    w10, w11 = weight[t + 2 * stride], weight[t + 3 * stride]
+                    w00, w01 = weight[4 * t], weight[4 * t + 1]
+                    w10, w11 = weight[4 * t + 2], weight[4 * t + 3]
                     _blend_width(out, o, pad, a, row, col, w00, w01, w10, w11, cpg)
                     t += taps * count
                 j += 1
@@ -435,7 +444,7 @@ def _blend_block_simple(out, pad, image, index, weight, stride, geo, dest, lay, 
 
 
 @njit(nogil=True, cache=True, fastmath=_FASTMATH)
-def _blend_block(out, pad, image, index, weight, stride, geo, runs, dest, lay, item, rows, wb):
+def _blend_block(out, pad, image, index, weight, geo, runs, dest, lay, item, rows, wb):
     """The samples of a block of positions (``_sample``) from its taps' corners and weights.
 
     A function of its own, not inlined: LLVM keeps this loop nest's registers to itself, which
@@ -457,8 +466,8 @@ def _blend_block(out, pad, image, index, weight, stride, geo, runs, dest, lay, i
                     t = k * count + q
                     for g in range(groups):
                         corner = image + index[t]
-                        w00, w01 = weight[t], weight[t + stride]
-                        w10, w11 = weight[t + 2 * stride], weight[t + 3 * stride]
+                        w00, w01 = weight[4 * t], weight[4 * t + 1]
+                        w10, w11 = weight[4 * t + 2], weight[4 * t + 3]
                         for r_ in range(runs[g], runs[g + 1]):
                             if s_c == 1:
                                 _blend_width(out, base + dest[r_], pad,
@@ -495,23 +504,19 @@ def _sample(pad, off, msk, has_mask, geo, runs, tile, lay, out, chunk, chunks):
     simple = lay[5] == 1 and runs.size - _RUNS == 3 * groups
     image_size = (geo[_H] + 3) * (geo[_W] + 2) * channels
     block_rows = _block_rows(tile[3], rb, wb)
-    stride = groups * taps * block_rows * wb  # one plane of the weights below
-    index = np.empty(stride, dtype=np.int64)
-    weight = np.empty(4 * stride, dtype=out.dtype)
-    base_y = np.empty(block_rows * wb, dtype=np.float64)
-    base_x = np.empty(block_rows * wb, dtype=np.float64)
+    located = groups * taps * block_rows * wb  # (group, tap, position) of a block
+    index = np.empty(located, dtype=np.int64)
+    weight = np.empty(4 * located, dtype=out.dtype)
+    grid = np.empty(2 * block_rows * wb, dtype=np.float64)
     blocks = tile[3] * ((rb + block_rows - 1) // block_rows)
     for b in range(blocks * chunk // chunks, blocks * (chunk + 1) // chunks):
         item, rows = _block(tile, b)
-        _locate_block(off, msk, has_mask, geo, tile, item, rows, base_y, base_x, index, weight,
-                      stride, False, True)  # fmt: skip
+        _locate_block(off, msk, has_mask, geo, tile, item, rows, grid, index, weight, False, True)
         image = (n0 + item // rb) * image_size
         if simple:
-            _blend_block_simple(out, pad, image, index, weight, stride, geo, dest, lay, item, rows,
-                                wb)  # fmt: skip
+            _blend_block_simple(out, pad, image, index, weight, geo, dest, lay, item, rows, wb)
         else:
-            _blend_block(out, pad, image, index, weight, stride, geo, runs, dest, lay, item, rows,
-                         wb)  # fmt: skip
+            _blend_block(out, pad, image, index, weight, geo, runs, dest, lay, item, rows, wb)
 
 
 @njit(nogil=True, cache=True, fastmath=_FASTMATH)
@@ -534,7 +539,7 @@ def _backward_reduce_simple(pad, grad_cols, write_cols, cols, image, index, frac
             for k in range(taps):
                 s = k * count + q
                 for g in range(groups):
-                    ly, lx, m = frac[s], frac[s + stride], frac[s + 2 * stride]
+                    ly, lx, m = frac[4 * s], frac[4 * s + 1], frac[4 * s + 2]
                     acc_y, acc_x, acc_m = _reduce4(
                         grad_cols, at + i * s_i + j * s_j + dest[g], pad,
                         image + index[s] + g * cpg, channels, row, ly, lx, one - ly, write_cols,
@@ -575,7 +580,7 @@ def _backward_reduce(pad, grad_cols, write_cols, cols, image, index, frac, strid
                 s = k * count + q
                 for g in range(groups):
                     corner = image + index[s]
-                    ly, lx, m = frac[s], frac[s + stride], frac[s + 2 * stride]
+                    ly, lx, m = frac[4 * s], frac[4 * s + 1], frac[4 * s + 2]
                     hy = one - ly
                     acc_y = zero
                     acc_x = zero
@@ -619,18 +624,17 @@ def _backward_taps(pad, off, msk, has_mask, geo, runs, tile, lay, grad_cols, wri
     image_rows = geo[_H] + 3
     image_size = image_rows * (geo[_W] + 2) * geo[_C]
     block_rows = _block_rows(tile[3], rb, wb)
-    stride = groups * taps * block_rows * wb
+    stride = groups * taps * block_rows * wb  # (group, tap, position) of a block
     index = np.empty(stride, dtype=np.int64)
     frac = np.empty(4 * stride, dtype=grad_cols.dtype)
     sums = np.empty(3 * stride, dtype=grad_cols.dtype)
-    base_y = np.empty(block_rows * wb, dtype=np.float64)
-    base_x = np.empty(block_rows * wb, dtype=np.float64)
+    grid = np.empty(2 * block_rows * wb, dtype=np.float64)
     blocks = tile[3] * ((rb + block_rows - 1) // block_rows)
     for b in range(blocks * chunk // chunks, blocks * (chunk + 1) // chunks):
         item, rows = _block(tile, b)
         count = rows * wb
-        first = _locate_block(off, msk, has_mask, geo, tile, item, rows, base_y, base_x, index,
-                              frac, stride, True, False)  # fmt: skip
+        first = _locate_block(off, msk, has_mask, geo, tile, item, rows, grid, index, frac, True,
+                              False)  # fmt: skip
         n = n0 + item // rb
         if simple:
             _backward_reduce_simple(pad, grad_cols, write_cols, cols, n * image_size, index, frac,
@@ -652,9 +656,9 @@ def _backward_taps(pad, off, msk, has_mask, geo, runs, tile, lay, grad_cols, wri
             lowest = np.float64(image_rows)
             highest = -1.0
             for gk in range(groups * taps):
-                s = np.uint64(3 * stride + gk * count + r * wb)
+                s = np.uint64(gk * count + r * wb)
                 for wl in range(np.uint64(wb)):
-                    top = np.float64(frac[s + wl])
+                    top = np.float64(frac[np.uint64(4) * (s + wl) + np.uint64(3)])
                     lowest = min(lowest, top) if top >= 0.0 else lowest
                     highest = max(highest, top)
             item_rows[2 * (item + r)] = int(lowest)
@@ -685,11 +689,10 @@ def _backward_input(off, msk, has_mask, geo, runs, tile, lay, grad_cols, item_ro
     if hi <= lo:
         return
     block_rows = _block_rows(tile[3], rb, wb)
-    stride = groups * taps * block_rows * wb
-    index = np.empty(stride, dtype=np.int64)
-    frac = np.empty(8 * stride, dtype=grad_cols.dtype)
-    base_y = np.empty(block_rows * wb, dtype=np.float64)
-    base_x = np.empty(block_rows * wb, dtype=np.float64)
+    located = groups * taps * block_rows * wb  # (group, tap, position) of a block
+    index = np.empty(located, dtype=np.int64)
+    frac = np.empty(8 * located, dtype=grad_cols.dtype)
+    grid = np.empty(2 * block_rows * wb, dtype=np.float64)
     blocks = nb * ((rb + block_rows - 1) // block_rows)
     for b in range(blocks):
         item, rows = _block(tile, b)
@@ -701,8 +704,7 @@ def _backward_input(off, msk, has_mask, geo, runs, tile, lay, grad_cols, item_ro
                 touches = True
         if not touches:
             continue
-        _locate_block(off, msk, has_mask, geo, tile, item, rows, base_y, base_x, index, frac,
-                      stride, True, True)  # fmt: skip
+        _locate_block(off, msk, has_mask, geo, tile, item, rows, grid, index, frac, True, True)
         image = (n0 + item // rb) * image_rows * row
         count = rows * wb
         q = 0
@@ -715,11 +717,11 @@ def _backward_input(off, msk, has_mask, geo, runs, tile, lay, grad_cols, item_ro
                     base = at + i * s_i + j * s_j
                     s = k * count + q
                     for g in range(groups):
-                        top = first_row + int(frac[s + 3 * stride])
-                        if frac[s + 3 * stride] >= 0.0 and top + 1 >= lo and top < hi:
+                        top = first_row + int(frac[8 * s + 3])
+                        if frac[8 * s + 3] >= 0.0 and top + 1 >= lo and top < hi:
                             corner = image + index[s]
-                            w00, w01 = frac[s + 4 * stride], frac[s + 5 * stride]
-                            w10, w11 = frac[s + 6 * stride], frac[s + 7 * stride]
+                            w00, w01 = frac[8 * s + 4], frac[8 * s + 5]
+                            w10, w11 = frac[8 * s + 6], frac[8 * s + 7]
                             for r_ in range(runs[g], runs[g + 1]):
                                 a = corner + runs[_RUNS + 3 * r_]
                                 src = base + dest[r_]
