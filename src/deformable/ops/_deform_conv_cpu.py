@@ -411,16 +411,16 @@ def _locate_block(off, msk, has_mask, geo, tile, item, rows, grid, index, values
     return first
 
 
-@njit(nogil=True, cache=True, fastmath=_FASTMATH)
-def _blend_block_simple(out, pad, image, index, weight, geo, dest, lay, item, rows, wb):
-    """``_blend_block`` when every offset group is one run of channels, written contiguously."""
+@njit(nogil=True, cache=True, fastmath=_FASTMATH, inline="always")
+def _blend_rows(out, pad, image, index, weight, geo, dest, lay, item, rows, wb, cpg):
+    """The loops of ``_blend_block_simple``, ``cpg`` channels a group."""
     channels, groups, kw = geo[_C], geo[_G], geo[_KW]
-    cpg = channels // groups
     taps = geo[_KH] * kw
     s_row, s_wl, s_i, s_j = lay[0], lay[1], lay[2], lay[3]
     col = np.uint64(channels)
     row = np.uint64((geo[_W] + 2) * channels)
     count = rows * wb
+    step = np.uint64(taps * count)  # from one group's taps to the next one's
     q = 0
     for r in range(rows):
         for wl in range(wb):
@@ -428,19 +428,37 @@ def _blend_block_simple(out, pad, image, index, weight, geo, dest, lay, item, ro
             i = 0
             j = 0
             for k in range(taps):
-                t = k * count + q
+                # unsigned: numba's handling of negative indices costs a few instructions a load
+                t = np.uint64(k * count + q)
                 for g in range(groups):
                     a = np.uint64(image + index[t] + g * cpg)
                     o = np.uint64(at + i * s_i + j * s_j + dest[g])
-                    w00, w01 = weight[4 * t], weight[4 * t + 1]
-                    w10, w11 = weight[4 * t + 2], weight[4 * t + 3]
-                    _blend_width(out, o, pad, a, row, col, w00, w01, w10, w11, cpg)
-                    t += taps * count
+                    w = np.uint64(4) * t
+                    w00, w01 = weight[w], weight[w + np.uint64(1)]
+                    w10, w11 = weight[w + np.uint64(2)], weight[w + np.uint64(3)]
+                    _blend4(out, o, pad, a, row, col, w00, w01, w10, w11, cpg)
+                    t += step
                 j += 1
                 if j == kw:
                     i += 1
                     j = 0
             q += 1
+
+
+@njit(nogil=True, cache=True, fastmath=_FASTMATH)
+def _blend_block_simple(out, pad, image, index, weight, geo, dest, lay, item, rows, wb):
+    """``_blend_block`` when every offset group is one run of channels, written contiguously.
+    The common widths are constants of the whole loop nest (``_blend_width`` per call kept the
+    width's test and the loop's set-up in the innermost loop)."""
+    cpg = geo[_C] // geo[_G]
+    if cpg == 32:
+        _blend_rows(out, pad, image, index, weight, geo, dest, lay, item, rows, wb, 32)
+    elif cpg == 64:
+        _blend_rows(out, pad, image, index, weight, geo, dest, lay, item, rows, wb, 64)
+    elif cpg == 16:
+        _blend_rows(out, pad, image, index, weight, geo, dest, lay, item, rows, wb, 16)
+    else:
+        _blend_rows(out, pad, image, index, weight, geo, dest, lay, item, rows, wb, cpg)
 
 
 @njit(nogil=True, cache=True, fastmath=_FASTMATH)
