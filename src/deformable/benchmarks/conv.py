@@ -7,8 +7,9 @@ For each shape (N, Cin, Cout, H, W; a 3x3 kernel unless said, padding keeping th
 random offsets of a few pixels) it times the forward and forward+backward of ``F.conv2d`` (the
 anchor, same kernel, padding and dilation), of ``torchvision.ops.deform_conv2d`` and of ours, plus
 the forward of onnxruntime's ``DeformConv`` (opset 19) when onnxruntime is installed; every time
-is the median of ``--repeats`` runs after a warm-up, and every ratio is against ``F.conv2d`` timed
-in the same run. It also measures the peak memory each deformable implementation needs beyond its
+is the median of ``--repeats`` runs after a warm-up (the smallest of three such medians, taken in
+turns with the other implementations: :func:`deformable.benchmarks.timing.median_ms`), and every
+ratio is against ``F.conv2d`` timed in the same run. It also measures the peak memory each deformable implementation needs beyond its
 inputs, outputs and gradients (the rise of the process's peak resident set during one
 forward+backward, Linux only).
 

@@ -17,8 +17,9 @@ Detector-sized work: 512 RoIs on the stride-16 map of an 800 x 1344 image (50 x 
   level.
 
 Every time is the median of ``--repeats`` runs after a warm-up (one implementation after the
-other, see :func:`deformable.benchmarks.timing.median_ms`); "fwd+bwd" is forward and backward with gradients for the input (and the offsets /
-masks); ratios are against torchvision's twin timed in the same run. Targets (issue 3):
+other, on the CPU the smallest of three rounds' medians, see
+:func:`deformable.benchmarks.timing.median_ms`); "fwd+bwd" is forward and backward with
+gradients for the input (and the offsets / masks); ratios are against torchvision's twin timed in the same run. Targets (issue 3):
 fwd+bwd with offsets <= 1.5x.
 """
 

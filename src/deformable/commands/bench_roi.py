@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from deformable.benchmarks import roi
+from deformable.benchmarks import roi, timing
 from deformable.commands import positive, run_command, write_json
 from deformable.engine.devices import resolve_device
 
@@ -26,8 +26,9 @@ def _bench(argv: list[str]) -> int:
     positive(parser, args, "repeats")
     device = resolve_device(args.device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
-    print(f"torch {torch.__version__}, {where}; median of {args.repeats}; ratios against "
-          "torchvision in this run", file=sys.stderr)  # fmt: skip
+    rounds = "" if device.type == "cuda" else f"smallest of {timing.CPU_ROUNDS} rounds' "
+    print(f"torch {torch.__version__}, {where}; {rounds}median of {args.repeats}; ratios "
+          "against torchvision in this run", file=sys.stderr)  # fmt: skip
     dtypes = (torch.float32, torch.bfloat16) if device.type == "cuda" else (torch.float32,)
     rows = roi.run(roi.QUICK if args.quick else roi.FULL, args.repeats, device, dtypes)
     print(roi.markdown(rows))
