@@ -187,6 +187,25 @@ def test_backward_of_one_input(wanted):
     assert_close(grad, expected_grad)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("wanted", ["offset", "mask", "input"])
+@pytest.mark.parametrize("config", ["width_16", "width_32_two_groups", "width_64"])
+def test_backward_of_one_input_specialised_width(config, wanted, dtype):
+    """The backward's loops with the width a constant (16, 32, 64 channels a group) when the
+    weight gradient is not wanted: no samples written for it, the same gradients."""
+    args = make(dtype=dtype, **CONFIGS[config])
+    leaves = {k: (args[k].detach().clone().requires_grad_(k == wanted) if args[k] is not None else None)
+              for k in TENSORS}  # fmt: skip
+    out = deform_conv2d(**{**args, **leaves})
+    grad_out = torch.randn_like(out)
+    (grad,) = torch.autograd.grad(out, leaves[wanted], grad_out)
+    expected = dict(args)
+    expected[wanted] = args[wanted].detach().clone().requires_grad_()
+    (expected_grad,) = torch.autograd.grad(reference.deform_conv2d(**expected), expected[wanted],
+                                           grad_out)  # fmt: skip
+    assert_close(grad, expected_grad)
+
+
 def test_inference_shapes_choose_the_gemm_in_weight_order():
     """Batch-1 maps of a ResNet-50's conv5 (big weight, 49 positions): the GEMM with columns in
     the weight's own (channel, tap) order, so the weight is used as it is."""
