@@ -206,6 +206,64 @@ def test_backward_of_one_input_specialised_width(config, wanted, dtype):
     assert_close(grad, expected_grad)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
+def test_fused_backward_matches_reference(monkeypatch, config, dtype):
+    """Both backward passes in one (tiles of many images, here forced on every tile): the
+    reference's gradients, and bit for bit those of the two passes."""
+    args = make(dtype=dtype, **config)
+    monkeypatch.setattr(_deform_conv_cpu, "FUSED_BACKWARD_IMAGES", 1)
+    out, grads, grad_out = grads_of(deform_conv2d, args)
+    expected, expected_grads, _ = grads_of(reference.deform_conv2d, args, grad_out)
+    for name, grad in expected_grads.items():
+        assert_close(grads[name], grad, what=f"grad of {name}")
+    monkeypatch.setattr(_deform_conv_cpu, "FUSED_BACKWARD_IMAGES", 10**9)
+    _, two_passes, _ = grads_of(deform_conv2d, args, grad_out)
+    for name, grad in two_passes.items():
+        assert torch.equal(grads[name], grad), name
+
+
+@pytest.mark.parametrize("wanted", ["input", "offset"])
+def test_fused_backward_of_one_input(monkeypatch, wanted):
+    """The fused pass without the weight gradient (no samples written for it)."""
+    monkeypatch.setattr(_deform_conv_cpu, "FUSED_BACKWARD_IMAGES", 1)
+    args = make(dtype=torch.float64, **CONFIGS["width_32_two_groups"])
+    leaves = {k: (args[k].detach().clone().requires_grad_(k == wanted) if args[k] is not None else None)
+              for k in TENSORS}  # fmt: skip
+    out = deform_conv2d(**{**args, **leaves})
+    grad_out = torch.randn_like(out)
+    (grad,) = torch.autograd.grad(out, leaves[wanted], grad_out)
+    expected = dict(args)
+    expected[wanted] = args[wanted].detach().clone().requires_grad_()
+    (expected_grad,) = torch.autograd.grad(reference.deform_conv2d(**expected), expected[wanted],
+                                           grad_out)  # fmt: skip
+    assert_close(grad, expected_grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_backward_thread_count_does_not_change_results(dtype):
+    """A batch of 16 small maps: one tile of 16 images, split between threads by images."""
+    args = make(dtype=dtype, batch=16, channels=32, height=10, width=9, out_channels=24,
+                kernel=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1), weight_groups=1,
+                offset_groups=1)  # fmt: skip
+    before = torch.get_num_threads()
+    runs = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            runs.append(grads_of(deform_conv2d, args, runs[0][2] if runs else None))
+    finally:
+        torch.set_num_threads(before)
+    (out, grads, _), others = runs[0], runs[1:]
+    for other, other_grads, _ in others:
+        assert torch.equal(other, out)
+        for name in grads:
+            assert torch.equal(other_grads[name], grads[name]), name
+    expected, expected_grads, _ = grads_of(reference.deform_conv2d, args, runs[0][2])
+    for name, grad in expected_grads.items():
+        assert_close(grads[name], grad, what=f"grad of {name}")
+
+
 def test_inference_shapes_choose_the_gemm_in_weight_order():
     """Batch-1 maps of a ResNet-50's conv5 (big weight, 49 positions): the GEMM with columns in
     the weight's own (channel, tap) order, so the weight is used as it is."""
