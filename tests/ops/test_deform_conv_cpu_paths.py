@@ -191,8 +191,8 @@ def test_backward_of_one_input(wanted):
 @pytest.mark.parametrize("wanted", ["offset", "mask", "input"])
 @pytest.mark.parametrize("config", ["width_16", "width_32_two_groups", "width_64"])
 def test_backward_of_one_input_specialised_width(config, wanted, dtype):
-    """The backward's loops with the width a constant (16, 32, 64 channels a group) when the
-    weight gradient is not wanted: no samples written for it, the same gradients."""
+    """The backward at the widths the forward's blend fixes (16, 32, 64 channels a group) when
+    the weight gradient is not wanted: no samples written for it, the same gradients."""
     args = make(dtype=dtype, **CONFIGS[config])
     leaves = {k: (args[k].detach().clone().requires_grad_(k == wanted) if args[k] is not None else None)
               for k in TENSORS}  # fmt: skip

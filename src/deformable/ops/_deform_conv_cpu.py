@@ -177,8 +177,9 @@ def _axpy2(dst, d, step, w0, w1, src, s, count):
 # The sampling and scatter loops are called through these dispatchers: the common widths as
 # constants, which LLVM turns into whole vectors with no loop and no scalar tail (a generic loop
 # of 32 channels ran in its 8-wide remainder; 13 % of the forward's sampling time on 32
-# channels). Where every offset group is one run of channels, the width is rather fixed for a
-# whole loop nest (``_blend_rows``, ``_reduce_rows``): a test per call cost a tenth of their time.
+# channels). Where every offset group is one run of channels, the blend's width is rather fixed
+# for a whole loop nest (``_blend_rows``): a test per call cost a tenth of its time. The
+# backward's reduction keeps a variable width (see ``_backward_reduce_simple``).
 
 
 @njit(nogil=True, cache=True, fastmath=_FASTMATH, inline="always")
@@ -584,21 +585,13 @@ def _reduce_rows(pad, grad_cols, write_cols, cols, image, index, frac, span, str
 @njit(nogil=True, cache=True, fastmath=_FASTMATH)
 def _backward_reduce_simple(pad, grad_cols, write_cols, cols, image, index, frac, span, stride,
                             geo, dest, lay, item, rows, wb, sums):  # fmt: skip
-    """``_backward_reduce`` when every offset group is one run of channels (the common case);
-    the common widths are constants of the loop nest, as in ``_blend_block_simple``."""
-    cpg = geo[_C] // geo[_G]
-    if cpg == 32:
-        _reduce_rows(pad, grad_cols, write_cols, cols, image, index, frac, span, stride, geo,
-                     dest, lay, item, rows, wb, sums, 32)  # fmt: skip
-    elif cpg == 64:
-        _reduce_rows(pad, grad_cols, write_cols, cols, image, index, frac, span, stride, geo,
-                     dest, lay, item, rows, wb, sums, 64)  # fmt: skip
-    elif cpg == 16:
-        _reduce_rows(pad, grad_cols, write_cols, cols, image, index, frac, span, stride, geo,
-                     dest, lay, item, rows, wb, sums, 16)  # fmt: skip
-    else:
-        _reduce_rows(pad, grad_cols, write_cols, cols, image, index, frac, span, stride, geo,
-                     dest, lay, item, rows, wb, sums, cpg)  # fmt: skip
+    """``_backward_reduce`` when every offset group is one run of channels (the common case).
+    Unlike the blend, the width stays a variable here: the sums run under ``fastmath``, and with
+    constant widths the order LLVM gave them differed between a fresh compilation and numba's
+    cache, so a resumed training run drifted from an uninterrupted one (the test
+    ``test_a_run_is_the_same_whether_numba_compiles_or_loads_its_cache``)."""
+    _reduce_rows(pad, grad_cols, write_cols, cols, image, index, frac, span, stride, geo, dest,
+                 lay, item, rows, wb, sums, geo[_C] // geo[_G])  # fmt: skip
 
 
 @njit(nogil=True, cache=True, fastmath=_FASTMATH)
