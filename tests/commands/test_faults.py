@@ -242,8 +242,9 @@ def test_a_killed_run_resumes_to_the_same_weights(tmp_path, uninterrupted, where
 
 def test_a_run_is_the_same_whether_numba_compiles_or_loads_its_cache(tmp_path, monkeypatch):
     # A resumed run loads the kernels numba cached while the first run compiled them: both must
-    # compute the same bits. (A fixed-width reduction under fastmath once summed in another order
-    # when loaded from the cache than when freshly compiled: resume then drifted in the 7th digit.)
+    # compute the same bits. (On branch cpu-speed2, a fixed-width reduction under fastmath summed
+    # in another order when loaded from the cache than when freshly compiled, and a resumed run
+    # drifted in the 7th digit.)
     monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path / "numba-cache"))  # empty: the first run compiles
     histories = []
     for run in ("compiles", "loads"):
