@@ -544,11 +544,16 @@ def _sample(pad, off, msk, has_mask, geo, runs, tile, lay, out, chunk, chunks):
             _blend_block(out, pad, image, index, weight, geo, runs, dest, lay, item, rows, wb)
 
 
-@njit(nogil=True, cache=True, fastmath=_FASTMATH, inline="always")
-def _reduce_rows(pad, grad_cols, write_cols, cols, image, index, frac, span, stride, geo, dest,
-                 lay, item, rows, wb, sums, cpg):  # fmt: skip
-    """The loops of ``_backward_reduce_simple``, ``cpg`` channels a group."""
+@njit(nogil=True, cache=True, fastmath=_FASTMATH)
+def _backward_reduce_simple(pad, grad_cols, write_cols, cols, image, index, frac, span, stride,
+                            geo, dest, lay, item, rows, wb, sums):  # fmt: skip
+    """``_backward_reduce`` when every offset group is one run of channels (the common case).
+    Unlike the blend, the width stays a variable here: the sums run under ``fastmath``, and with
+    constant widths the order LLVM gave them differed between a fresh compilation and numba's
+    cache, so a resumed training run drifted from an uninterrupted one (the test
+    ``test_a_run_is_the_same_whether_numba_compiles_or_loads_its_cache``)."""
     channels, groups, kw = geo[_C], geo[_G], geo[_KW]
+    cpg = channels // groups
     taps = geo[_KH] * kw
     s_row, s_wl, s_i, s_j = lay[0], lay[1], lay[2], lay[3]
     row = (geo[_W] + 2) * channels
@@ -580,18 +585,6 @@ def _reduce_rows(pad, grad_cols, write_cols, cols, image, index, frac, span, str
                     i += 1
                     j = 0
             q += 1
-
-
-@njit(nogil=True, cache=True, fastmath=_FASTMATH)
-def _backward_reduce_simple(pad, grad_cols, write_cols, cols, image, index, frac, span, stride,
-                            geo, dest, lay, item, rows, wb, sums):  # fmt: skip
-    """``_backward_reduce`` when every offset group is one run of channels (the common case).
-    Unlike the blend, the width stays a variable here: the sums run under ``fastmath``, and with
-    constant widths the order LLVM gave them differed between a fresh compilation and numba's
-    cache, so a resumed training run drifted from an uninterrupted one (the test
-    ``test_a_run_is_the_same_whether_numba_compiles_or_loads_its_cache``)."""
-    _reduce_rows(pad, grad_cols, write_cols, cols, image, index, frac, span, stride, geo, dest,
-                 lay, item, rows, wb, sums, geo[_C] // geo[_G])  # fmt: skip
 
 
 @njit(nogil=True, cache=True, fastmath=_FASTMATH)
