@@ -274,3 +274,15 @@ def test_inference_shapes_choose_the_gemm_in_weight_order():
     # a channels-last weight is already in (tap, channel) order
     weight_cl = weight.contiguous(memory_format=torch.channels_last)
     assert not _deform_conv_cpu._channel_major(p, weight_cl)
+
+
+def test_backward_reuses_its_tile_buffers():
+    """dL/dcols goes into a buffer kept between calls (``_scratch``), not a fresh tile-sized
+    one per call (a page fault per 4 KiB, every call): two backward passes, one buffer."""
+    args = make(dtype=torch.float32, **CONFIGS["wide_channels"])
+    buffers = _deform_conv_cpu._workspace.__dict__.setdefault("buffers", {})
+    buffers.clear()
+    grads_of(deform_conv2d, args)
+    first = buffers[("grad_samples", torch.float32)]
+    grads_of(deform_conv2d, args)
+    assert buffers[("grad_samples", torch.float32)].data_ptr() == first.data_ptr()

@@ -60,8 +60,8 @@ TILE_BYTES = 32 * 2**20
 #: They grow to 8x the weight's bytes, so the GEMM's weight reorder is paid on enough work
 #: (4 MiB tiles of a 256-channel layer were 10 % slower).
 FORWARD_TILE_BYTES = 4 * 2**20
-#: The backward's tiles (within ``TILE_BYTES``): oneDNN's matmul returns dL/dcols in a fresh
-#: tile-sized buffer, which the peak memory of a call includes; 8 MiB tiles were as fast as 32.
+#: The backward's tiles (within ``TILE_BYTES``): dL/dcols and the samples each take a
+#: tile-sized buffer kept between calls; 8 MiB tiles were as fast as 32.
 BACKWARD_TILE_BYTES = 8 * 2**20
 #: Tiles of at least this many images run the backward's two passes as one (``_backward_fused``,
 #: split between threads by images). Measured: the backward 8-11 % faster on 64x32x20x20 3x3
@@ -1276,7 +1276,6 @@ def backward(grad_out, input, offset, weight, stride, padding, dilation, mask, n
     # without a mask its gradient is computed into a scratch buffer and dropped
     grad_mask = torch.empty(offset[:, : offset.shape[1] // 2].shape, dtype=p.dtype)
     grad_out = grad_out.detach()
-    w_t = None  # the weight as [kh*kw*cw, Cout], for oneDNN
     for tile in p.tiles:
         n0, r0, c0, nb, rb, wb = tile
         positions = nb * rb * wb
@@ -1285,15 +1284,13 @@ def backward(grad_out, input, offset, weight, stride, padding, dilation, mask, n
         g = g.reshape(positions, p.out_channels)
         shape = (positions, wg, p.taps * p.cw)
         if need_taps:
-            # oneDNN wants the weight transposed: worth it unless the weight outweighs the tile
-            if wg == 1 and positions >= p.out_channels and _onednn(g, p.out_channels):
-                if w_t is None:
-                    w_t = w_mat[0].t().contiguous()
-                gc = _matmul(g, w_t).view(shape)
-            else:
-                gc = _scratch("grad_samples", math.prod(shape), p.dtype).view(shape)
-                for gw in range(wg):
-                    torch.mm(g[:, gw * cog : (gw + 1) * cog], w_mat[gw], out=gc[:, gw])
+            # into a buffer kept between calls: oneDNN's matmul (no out=) returned a fresh
+            # tile-sized one, which cost a page fault per 4 KiB on every call (measured on
+            # 2x64x56x56: 3700 faults and a quarter of the forward+backward time); BLAS is as
+            # fast here (a reduction over output channels only) and exact across thread counts
+            gc = _scratch("grad_samples", math.prod(shape), p.dtype).view(shape)
+            for gw in range(wg):
+                torch.mm(g[:, gw * cog : (gw + 1) * cog], w_mat[gw], out=gc[:, gw])
             cols = _scratch("samples", math.prod(shape), p.dtype).view(shape) if need_weight else gc
             tile_np, layout = np.array(tile, dtype=np.int64), p.column_layout(tile)
             gc_np = gc.numpy().reshape(-1)
