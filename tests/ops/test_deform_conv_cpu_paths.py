@@ -286,3 +286,21 @@ def test_backward_reuses_its_tile_buffers():
     first = buffers[("grad_samples", torch.float32)]
     grads_of(deform_conv2d, args)
     assert buffers[("grad_samples", torch.float32)].data_ptr() == first.data_ptr()
+
+
+def test_padded_input_and_its_gradient_reused_only_when_small(monkeypatch):
+    """The padded input and its gradient live within one call: reused buffers up to
+    ``KEPT_BYTES``, fresh ones beyond it (a large image's are not kept after its call)."""
+    args = make(dtype=torch.float32, **CONFIGS["wide_channels"])
+    buffers = _deform_conv_cpu._workspace.__dict__.setdefault("buffers", {})
+    buffers.clear()
+    out, grads, grad_out = grads_of(deform_conv2d, args)
+    kept = {name: buffers[(name, torch.float32)].data_ptr() for name in ("pad", "grad_pad")}
+    again, again_grads, _ = grads_of(deform_conv2d, args, grad_out)
+    assert {name: buffers[(name, torch.float32)].data_ptr() for name in kept} == kept
+    assert torch.equal(again, out) and all(torch.equal(again_grads[k], grads[k]) for k in grads)
+    buffers.clear()
+    monkeypatch.setattr(_deform_conv_cpu, "KEPT_BYTES", 0)
+    fresh, fresh_grads, _ = grads_of(deform_conv2d, args, grad_out)
+    assert ("pad", torch.float32) not in buffers and ("grad_pad", torch.float32) not in buffers
+    assert torch.equal(fresh, out) and all(torch.equal(fresh_grads[k], grads[k]) for k in grads)

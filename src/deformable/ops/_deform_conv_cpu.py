@@ -67,6 +67,8 @@ BACKWARD_TILE_BYTES = 8 * 2**20
 #: split between threads by images). Measured: the backward 8-11 % faster on 64x32x20x20 3x3
 #: (16 images a tile), 3-7 % on the 64-image 10x10 maps.
 FUSED_BACKWARD_IMAGES = 8
+#: Largest padded input (and its gradient) kept between calls for reuse (``_buffer``).
+KEPT_BYTES = 8 * 2**20
 
 # Reassociation lets LLVM vectorise the channel reductions; no 'nnan'/'ninf', so the
 # out-of-image tests below still see NaN coordinates as outside.
@@ -86,6 +88,18 @@ def _scratch(name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
     if buf is None or buf.numel() < numel:
         buf = buffers[(name, dtype)] = torch.empty(numel, dtype=dtype)
     return buf[:numel]
+
+
+def _buffer(name: str, shape, dtype: torch.dtype, zero: bool = False) -> torch.Tensor:
+    """A tensor of ``shape`` used only within one call: a ``_scratch`` buffer up to
+    ``KEPT_BYTES`` (the padded input and its gradient of a small layer: measured ~1000 page
+    faults a training step of the demo's network when allocated afresh), a fresh one beyond, so
+    a large image's buffers are not kept after its call."""
+    numel = math.prod(shape)
+    if numel * dtype.itemsize > KEPT_BYTES:
+        return torch.zeros(shape, dtype=dtype) if zero else torch.empty(shape, dtype=dtype)
+    buf = _scratch(name, numel, dtype).view(shape)
+    return buf.zero_() if zero else buf
 
 
 # Indices into the int64 'geo' array handed to the kernels.
@@ -1089,7 +1103,7 @@ def _padded(input: torch.Tensor, geo) -> torch.Tensor:
         flat = input.permute(0, 2, 3, 1).numpy().reshape(-1)
     else:
         flat = input.contiguous().numpy().reshape(-1)
-    pad = torch.empty((batch, height + 3, width + 2, channels), dtype=input.dtype)
+    pad = _buffer("pad", (batch, height + 3, width + 2, channels), input.dtype)
     _run(_pad_rows, num_chunks(batch * (height + 3), pad.numel(), per_thread=1), flat,
                 channels_last, pad.numpy().reshape(-1), geo)  # fmt: skip
     return pad
@@ -1271,7 +1285,7 @@ def backward(grad_out, input, offset, weight, stride, padding, dilation, mask, n
     wg, cog = p.weight_groups, p.out_channels // p.weight_groups
     w_mat = p.weight_matrix(weight)
     grad_w_mat = torch.zeros_like(w_mat) if need_weight else None
-    grad_pad = torch.zeros(p.pad.shape, dtype=p.dtype) if need_input else None
+    grad_pad = _buffer("grad_pad", p.pad.shape, p.dtype, zero=True) if need_input else None
     grad_offset = torch.empty(offset.shape, dtype=p.dtype)
     # without a mask its gradient is computed into a scratch buffer and dropped
     grad_mask = torch.empty(offset[:, : offset.shape[1] // 2].shape, dtype=p.dtype)
