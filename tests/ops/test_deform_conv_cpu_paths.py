@@ -135,13 +135,21 @@ def test_thread_count_does_not_change_results(path, dtype):
             assert torch.equal(other_grads[name], grads[name]), name
 
 
-def test_blas_where_onednn_is_not_exact(monkeypatch):
-    """Past ONEDNN_MAX_REDUCTION the float32 GEMMs run on BLAS: same results."""
+@pytest.mark.parametrize("config", ["wide_channels", "groups_cross"])
+def test_blas_where_onednn_is_not_exact(monkeypatch, config):
+    """Past ONEDNN_MAX_REDUCTION the float32 GEMMs (the forward's and the weight gradient's)
+    run on BLAS: same results, both held to the reference."""
     monkeypatch.setattr(_deform_conv_cpu, "FORWARD_GEMM", "gemm")
-    args = make(dtype=torch.float32, **CONFIGS["wide_channels"])
-    onednn = deform_conv2d(**args)
+    args = make(dtype=torch.float32, **CONFIGS[config])
+    onednn, onednn_grads, grad_out = grads_of(deform_conv2d, args)
     monkeypatch.setattr(_deform_conv_cpu, "ONEDNN_MAX_REDUCTION", 0)
-    assert_close(deform_conv2d(**args), onednn)
+    blas, blas_grads, _ = grads_of(deform_conv2d, args, grad_out)
+    expected, expected_grads, _ = grads_of(reference.deform_conv2d, args, grad_out)
+    assert_close(blas, onednn)
+    assert_close(onednn, expected)
+    for name in expected_grads:
+        assert_close(blas_grads[name], onednn_grads[name], what=f"grad of {name}")
+        assert_close(onednn_grads[name], expected_grads[name], what=f"grad of {name}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -1293,9 +1293,10 @@ def backward(grad_out, input, offset, weight, stride, padding, dilation, mask, n
     for tile in p.tiles:
         n0, r0, c0, nb, rb, wb = tile
         positions = nb * rb * wb
-        # [P, Cout] in the column order (n, row, column)
-        g = grad_out[n0 : n0 + nb, :, r0 : r0 + rb, c0 : c0 + wb].permute(0, 2, 3, 1)
-        g = g.reshape(positions, p.out_channels)
+        # [Cout, P], P in the column order (n, row, column), and g its [P, Cout] view
+        g_t = grad_out[n0 : n0 + nb, :, r0 : r0 + rb, c0 : c0 + wb].permute(1, 0, 2, 3)
+        g_t = g_t.reshape(p.out_channels, positions)
+        g = g_t.t()
         shape = (positions, wg, p.taps * p.cw)
         if need_taps:
             # into a buffer kept between calls: oneDNN's matmul (no out=) returned a fresh
@@ -1329,8 +1330,15 @@ def backward(grad_out, input, offset, weight, stride, padding, dilation, mask, n
         elif need_weight:
             cols = p.columns(tile)
         if need_weight:
+            # oneDNN's matmul takes the samples transposed as they are, and ran up to 30 % faster
+            # than BLAS on the demo's layers; exact across thread counts up to its limit
+            onednn = _onednn(g_t, positions)
             for gw in range(wg):
-                grad_w_mat[gw].addmm_(g[:, gw * cog : (gw + 1) * cog].t(), cols[:, gw])
+                rows = g_t[gw * cog : (gw + 1) * cog]  # contiguous
+                if onednn:
+                    grad_w_mat[gw] += _onednn_linear(rows, cols[:, gw].t(), None, "none", [], "")
+                else:
+                    grad_w_mat[gw].addmm_(rows, cols[:, gw])
     grad_input = None
     if need_input:
         height, width = input.shape[-2:]
