@@ -312,3 +312,21 @@ def test_padded_input_and_its_gradient_reused_only_when_small(monkeypatch):
     fresh, fresh_grads, _ = grads_of(deform_conv2d, args, grad_out)
     assert ("pad", torch.float32) not in buffers and ("grad_pad", torch.float32) not in buffers
     assert torch.equal(fresh, out) and all(torch.equal(fresh_grads[k], grads[k]) for k in grads)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(2, 6, 9, 8), (3, 40, 17, 33), (1, 1, 1, 1)])
+def test_unpadding_inverts_padding(dtype, shape):
+    """``_unpad_rows`` (the input gradient back to NCHW) is the inverse of ``_padded``, across
+    its 16 x 16 blocks and thread chunks."""
+    x = torch.randn(shape, dtype=dtype)
+    weight = torch.zeros(1, shape[1], 3, 3, dtype=dtype)
+    offset = torch.zeros(shape[0], 18, *shape[2:], dtype=dtype)
+    p = _deform_conv_cpu._Problem(x, offset, weight, (1, 1), (1, 1), (1, 1), None)
+    out = torch.full_like(x, float("nan"))
+    for chunks in (1, 3):
+        for chunk in range(chunks):
+            _deform_conv_cpu._unpad_rows(p.pad.numpy().reshape(-1), out.numpy().reshape(-1), p.geo,
+                                         chunk, chunks)  # fmt: skip
+        assert torch.equal(out, x)
+        out.fill_(float("nan"))

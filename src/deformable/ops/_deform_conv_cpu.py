@@ -914,6 +914,38 @@ def _pad_rows_task(data):
 
 
 @njit(nogil=True, cache=True)
+def _unpad_rows_chunks(d, pad, out):
+    chunk = _claim(d[0])
+    while chunk < d[1]:
+        _unpad_rows(pad, out, _ints(d, 7), chunk, d[1])
+        chunk = _claim(d[0])
+
+
+def _unpad_rows_task(data):
+    d = carray(data, 16, dtype=np.int64)
+    if d[2]:
+        _unpad_rows_chunks(d, _floats64(d, 3), _floats64(d, 5))
+    else:
+        _unpad_rows_chunks(d, _floats32(d, 3), _floats32(d, 5))
+
+
+@njit(nogil=True, cache=True)
+def _positions_to_nchw_chunks(d, src, out):
+    chunk = _claim(d[0])
+    while chunk < d[1]:
+        _positions_to_nchw(src, out, _ints(d, 7), chunk, d[1])
+        chunk = _claim(d[0])
+
+
+def _positions_to_nchw_task(data):
+    d = carray(data, 16, dtype=np.int64)
+    if d[2]:
+        _positions_to_nchw_chunks(d, _floats64(d, 3), _floats64(d, 5))
+    else:
+        _positions_to_nchw_chunks(d, _floats32(d, 3), _floats32(d, 5))
+
+
+@njit(nogil=True, cache=True)
 def _sample_chunks(d, pad, off, msk, out):
     geo, runs, tile, lay = _ints(d, 9), _ints(d, 11), _ints(d, 13), _ints(d, 15)
     chunk = _claim(d[0])
@@ -1091,6 +1123,49 @@ def _pad_rows(inp, channels_last, pad, geo, chunk, chunks):
                         pad[d + np.uint64(x * channels + c)] = inp[s + np.uint64(x)]
 
 
+@njit(nogil=True, cache=True)
+def _unpad_rows(pad, out, geo, chunk, chunks):
+    """The inverse of ``_pad_rows`` into NCHW: the chunk's share of the image rows of ``out``
+    (flat [N, C, H, W]) from the padded rows of ``pad``, in 16 x 16 blocks written along rows
+    (torch's permuted copy of the input gradient was 2-20x slower than a plain copy)."""
+    height, width, channels = geo[_H], geo[_W], geo[_C]
+    rows = geo[_BATCH] * height
+    row = (width + 2) * channels
+    plane = np.uint64(height * width)
+    for r in range(rows * chunk // chunks, rows * (chunk + 1) // chunks):
+        n = r // height
+        y = r - n * height
+        s = np.uint64((n * (height + 3) + y + 1) * row + channels)
+        d = (n * channels * height + y) * width
+        for c0 in range(0, channels, 16):
+            for x0 in range(0, width, 16):
+                for c in range(c0, min(c0 + 16, channels)):
+                    dc = np.uint64(d) + np.uint64(c) * plane
+                    for x in range(x0, min(x0 + 16, width)):
+                        out[dc + np.uint64(x)] = pad[s + np.uint64(x * channels + c)]
+
+
+@njit(nogil=True, cache=True)
+def _positions_to_nchw(src, out, dims, chunk, chunks):
+    """One tile of the forward's GEMM result, ``src`` [nb, rb, wb, C] (flat), into its region of
+    ``out`` (flat [N, C, H, W]); ``dims`` = (C, H, W, n0, r0, c0, nb, rb, wb). The chunk's share
+    of the tile's rows, as ``_unpad_rows``."""
+    channels, height, width = dims[0], dims[1], dims[2]
+    n0, r0, c0, rb, wb = dims[3], dims[4], dims[5], dims[7], dims[8]
+    rows = dims[6] * rb
+    plane = np.uint64(height * width)
+    for r in range(rows * chunk // chunks, rows * (chunk + 1) // chunks):
+        nl = r // rb
+        s = np.uint64(r * wb * channels)
+        d = ((n0 + nl) * channels * height + r0 + r - nl * rb) * width + c0
+        for c0_ in range(0, channels, 16):
+            for x0 in range(0, wb, 16):
+                for c in range(c0_, min(c0_ + 16, channels)):
+                    dc = np.uint64(d) + np.uint64(c) * plane
+                    for x in range(x0, min(x0 + 16, wb)):
+                        out[dc + np.uint64(x)] = src[s + np.uint64(x * channels + c)]
+
+
 def _padded(input: torch.Tensor, geo) -> torch.Tensor:
     """The input channels last with a border of zeros: [N, H + 3, W + 2, C], pixel (y, x) at
     (y + 1, x + 1). Every bilinear corner of a sample inside (-1, H) x (-1, W) is in it, so the
@@ -1264,6 +1339,13 @@ def forward(input, offset, weight, bias, stride, padding, dilation, mask):
             parts = [_matmul(cols[gw], w_mat[gw], None if b is None else b[gw * cog : (gw + 1) * cog])
                      for gw in range(wg)]  # fmt: skip
             res = parts[0] if wg == 1 else torch.cat(parts, dim=1)
+            if not p.channels_last:  # into NCHW by a blocked transpose, not torch's permuted copy
+                if out is None:
+                    out = torch.empty(shape, dtype=p.dtype)
+                dims = np.array([cout, p.out_h, p.out_w, *tile], dtype=np.int64)
+                _run(_positions_to_nchw, num_chunks(nb * rb, res.numel(), per_thread=1),
+                     res.numpy().reshape(-1), out.numpy().reshape(-1), dims)  # fmt: skip
+                continue
             res = res.view(nb, rb, wb, cout).permute(0, 3, 1, 2)
         else:
             res = F.conv2d(p.expanded_image(tile), w, b, stride=(p.kh, p.kw), groups=wg)
@@ -1342,9 +1424,13 @@ def backward(grad_out, input, offset, weight, stride, padding, dilation, mask, n
     grad_input = None
     if need_input:
         height, width = input.shape[-2:]
-        grad_input = grad_pad[:, 1 : height + 1, 1 : width + 1].permute(0, 3, 1, 2)
-        grad_input = grad_input.contiguous(
-            memory_format=torch.channels_last if p.channels_last else torch.contiguous_format)
+        if p.channels_last:
+            grad_input = grad_pad[:, 1 : height + 1, 1 : width + 1].permute(0, 3, 1, 2)
+            grad_input = grad_input.contiguous(memory_format=torch.channels_last)
+        else:
+            grad_input = torch.empty(input.shape, dtype=p.dtype)
+            _run(_unpad_rows, num_chunks(input.shape[0] * height, grad_input.numel(), per_thread=1),
+                 grad_pad.numpy().reshape(-1), grad_input.numpy().reshape(-1), p.geo)  # fmt: skip
     grad_weight = None
     if need_weight:
         grad_weight = grad_w_mat.reshape(p.out_channels, p.kh, p.kw, p.cw).permute(0, 3, 1, 2)
