@@ -1,11 +1,12 @@
-"""deform_conv2d's CPU kernel, path by path: every way the forward can multiply (the expanded-image
-convolution, the plain GEMM with columns in tap or channel order, oneDNN's matmul or BLAS) and
-every backward subset, held to the reference in float32 and float64, by gradcheck, and for
-bit-identical results across thread counts; plus the layouts (channels last in, channels last out).
+"""deform_conv2d's CPU kernel, path by path: every way the forward can multiply (columns in tap or
+channel order, oneDNN's matmul or the kernel's own exact GEMM, ``_gemm``) and every backward
+subset, held to the reference in float32 and float64, by gradcheck, and for bit-identical
+results across thread counts; plus the layouts (channels last in, channels last out).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,9 +16,8 @@ from deformable.ops.deform_conv import output_size
 
 TENSORS = ("input", "offset", "weight", "bias", "mask")
 
-#: (FORWARD_GEMM, COLUMN_ORDER) of each forward path
-PATHS = {"expanded": ("expanded", "auto"), "gemm_tap": ("gemm", "tap"),
-         "gemm_channel": ("gemm", "channel")}  # fmt: skip
+#: COLUMN_ORDER of each forward path
+PATHS = {"gemm_tap": "tap", "gemm_channel": "channel"}
 
 
 def make(batch=2, channels=6, height=9, width=8, out_channels=4, kernel=(3, 2), stride=(2, 1),
@@ -60,9 +60,7 @@ CONFIGS = {
 
 @pytest.fixture(params=PATHS.keys())
 def path(request, monkeypatch):
-    forward_gemm, column_order = PATHS[request.param]
-    monkeypatch.setattr(_deform_conv_cpu, "FORWARD_GEMM", forward_gemm)
-    monkeypatch.setattr(_deform_conv_cpu, "COLUMN_ORDER", column_order)
+    monkeypatch.setattr(_deform_conv_cpu, "COLUMN_ORDER", PATHS[request.param])
     return request.param
 
 
@@ -114,12 +112,20 @@ def test_gradcheck_specialised_width(path):
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6, nondet_tol=0.0)
 
 
+#: (batch, channels, height, width, out_channels) where the thread counts are compared: the first
+#: big enough that oneDNN, BLAS and the kernels all split their work between threads; the
+#: second a wide layer on a few positions (dL/dcols on oneDNN: MKL on Intel CPUs splits that
+#: reduction between threads and gives other results on other thread counts)
+THREAD_SHAPES = {"many_positions": (2, 64, 14, 14, 96), "wide_few_positions": (1, 64, 2, 2, 512)}
+
+
+@pytest.mark.parametrize("shape", THREAD_SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_thread_count_does_not_change_results(path, dtype):
-    """Big enough that oneDNN, BLAS and the kernels all split their work between threads."""
-    args = make(dtype=dtype, batch=2, channels=64, height=14, width=14, out_channels=96,
-                kernel=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1), weight_groups=1,
-                offset_groups=2)  # fmt: skip
+def test_thread_count_does_not_change_results(path, dtype, shape):
+    batch, channels, height, width, out_channels = THREAD_SHAPES[shape]
+    args = make(dtype=dtype, batch=batch, channels=channels, height=height, width=width,
+                out_channels=out_channels, kernel=(3, 3), stride=(1, 1), padding=(1, 1),
+                dilation=(1, 1), weight_groups=1, offset_groups=2)  # fmt: skip
     before = torch.get_num_threads()
     runs = []
     try:
@@ -137,12 +143,13 @@ def test_thread_count_does_not_change_results(path, dtype):
 
 @pytest.mark.parametrize("config", ["wide_channels", "groups_cross"])
 def test_blas_where_onednn_is_not_exact(monkeypatch, config):
-    """Past ONEDNN_MAX_REDUCTION the float32 GEMMs (the forward's and the weight gradient's)
-    run on BLAS: same results, both held to the reference."""
-    monkeypatch.setattr(_deform_conv_cpu, "FORWARD_GEMM", "gemm")
+    """Past ONEDNN_MAX_REDUCTION the float32 GEMMs (the forward's, dL/dcols past
+    BLAS_MAX_REDUCTION and the weight gradient's) run on ``_gemm``: same results, both held to
+    the reference."""
     args = make(dtype=torch.float32, **CONFIGS[config])
     onednn, onednn_grads, grad_out = grads_of(deform_conv2d, args)
     monkeypatch.setattr(_deform_conv_cpu, "ONEDNN_MAX_REDUCTION", 0)
+    monkeypatch.setattr(_deform_conv_cpu, "BLAS_MAX_REDUCTION", 0)
     blas, blas_grads, _ = grads_of(deform_conv2d, args, grad_out)
     expected, expected_grads, _ = grads_of(reference.deform_conv2d, args, grad_out)
     assert_close(blas, onednn)
@@ -278,7 +285,7 @@ def test_inference_shapes_choose_the_gemm_in_weight_order():
     x, offset = torch.randn(1, 512, 7, 7), torch.randn(1, 18, 7, 7)
     weight = torch.randn(512, 512, 3, 3)
     p = _deform_conv_cpu._Problem(x, offset, weight, (1, 1), (1, 1), (1, 1), None)
-    assert _deform_conv_cpu._forward_gemm(p) and _deform_conv_cpu._channel_major(p, weight)
+    assert _deform_conv_cpu._channel_major(p, weight)
     # a channels-last weight is already in (tap, channel) order
     weight_cl = weight.contiguous(memory_format=torch.channels_last)
     assert not _deform_conv_cpu._channel_major(p, weight_cl)
@@ -317,8 +324,8 @@ def test_padded_input_and_its_gradient_reused_only_when_small(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", [(2, 6, 9, 8), (3, 40, 17, 33), (1, 1, 1, 1)])
 def test_unpadding_inverts_padding(dtype, shape):
-    """``_unpad_rows`` (the input gradient back to NCHW) is the inverse of ``_padded``, across
-    its 16 x 16 blocks and thread chunks."""
+    """``_rows_to_nchw`` with ``_unpadding`` (the input gradient back to NCHW) is the inverse of
+    ``_padded``, across its 16 x 16 blocks and thread chunks."""
     x = torch.randn(shape, dtype=dtype)
     weight = torch.zeros(1, shape[1], 3, 3, dtype=dtype)
     offset = torch.zeros(shape[0], 18, *shape[2:], dtype=dtype)
@@ -326,7 +333,31 @@ def test_unpadding_inverts_padding(dtype, shape):
     out = torch.full_like(x, float("nan"))
     for chunks in (1, 3):
         for chunk in range(chunks):
-            _deform_conv_cpu._unpad_rows(p.pad.numpy().reshape(-1), out.numpy().reshape(-1), p.geo,
-                                         chunk, chunks)  # fmt: skip
+            _deform_conv_cpu._rows_to_nchw(p.pad.numpy().reshape(-1), out.numpy().reshape(-1),
+                                           _deform_conv_cpu._unpadding(p.geo), chunk, chunks)  # fmt: skip
         assert torch.equal(out, x)
         out.fill_(float("nan"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("m, k, n", [(9, 7, 5), (1, 3, 17), (4, 1, 1), (3, 0, 2), (0, 4, 3)])
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_exact_gemm(dtype, m, k, n, accumulate):
+    """``_gemm``, out (+)= a @ b (a of any strides, out's rows strided, rows in blocks of four
+    and the rest), against the product in float64; its kernel split in chunks gives the same
+    bits as in one."""
+    a = torch.randn(k, m, dtype=dtype).t()  # strided, as the backward's output gradient
+    b = torch.randn(k, n, dtype=dtype)
+    start = torch.randn(m, n + 3, dtype=dtype)[:, :n]  # as one weight group's dL/dcols
+    expected = (start.double() if accumulate else 0) + a.double() @ b.double()
+    out = start.clone()
+    _deform_conv_cpu._gemm(a, b, out, accumulate)
+    assert_close(out, expected, dtype, what="_gemm")
+    if m and n and k:
+        dims = np.array([m, n, k, a.stride(0), a.stride(1), b.stride(0), out.stride(0), accumulate])
+        for chunks in (1, 3):
+            split = start.clone()
+            for chunk in range(chunks):
+                flat = [_deform_conv_cpu._flat(t) for t in (a, b, split)]
+                _deform_conv_cpu._gemm_rows(*flat, dims, chunk, chunks)
+            assert torch.equal(split, out)

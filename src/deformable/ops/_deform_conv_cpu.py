@@ -7,15 +7,12 @@ branches. Sampling coordinates and the four bilinear weights depend on (n, group
 only: they are computed once there, by loops across output positions (which vectorise whatever
 the number of channels), and reused for every channel of the group.
 
-Forward, per tile of output positions, one of two GEMMs (``_forward_gemm``):
-
-- the samples as an "expanded image" ``E[n, ho * kh + i, wo * kw + j, c]`` (channels last) and
-  ``F.conv2d(E, weight, stride=kernel)``, exactly the GEMM of the deformable convolution, run by
-  oneDNN's convolution;
-- the samples as a column matrix per weight group and oneDNN's matmul (``_matmul``), the better
-  choice on small maps. Its columns follow the weight's own (channel, tap) order when the weight
-  outweighs them (``_channel_major``: batch-1 inference of wide layers), so the weight is used as
-  it is rather than reordered on every call.
+Forward, per tile of output positions: the samples as a column matrix per weight group and
+oneDNN's matmul (``_matmul``). Its columns follow the weight's own (channel, tap) order when the
+weight outweighs them (``_channel_major``: batch-1 inference of wide layers), so the weight is
+used as it is rather than reordered on every call. (The design's other GEMM, ``F.conv2d`` of an
+"expanded image" with stride = kernel, was as fast at best and up to 3x slower on small maps;
+it is gone.)
 
 Backward: per tile, one GEMM gives ``dL/dcols`` from the output gradient. Two passes turn it into
 the gradients of offset / mask and of the input: the first splits output positions between
@@ -24,7 +21,7 @@ gradient's GEMM needs, and every tap's corner and bilinear weights); the second 
 padded input's rows between threads, each walking all taps in order and adding only into its
 own rows. No atomics, no races, no per-thread copies of the input gradient, and every element
 receives its contributions in one fixed order: bit-identical results whatever the number of
-threads (the GEMMs are run where they are exact across thread counts, see ``_matmul``). Tiles
+threads (the GEMMs run where they are exact across thread counts, see ``_matmul``). Tiles
 of many images split between threads by images instead, and run both passes in one
 (``_backward_fused``): the same order, the same results.
 
@@ -45,7 +42,6 @@ import threading
 import llvmlite.ir as llvm_ir
 import numpy as np
 import torch
-import torch.nn.functional as F
 from numba import carray, cfunc, njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
@@ -914,35 +910,35 @@ def _pad_rows_task(data):
 
 
 @njit(nogil=True, cache=True)
-def _unpad_rows_chunks(d, pad, out):
+def _rows_to_nchw_chunks(d, src, out):
     chunk = _claim(d[0])
     while chunk < d[1]:
-        _unpad_rows(pad, out, _ints(d, 7), chunk, d[1])
+        _rows_to_nchw(src, out, _ints(d, 7), chunk, d[1])
         chunk = _claim(d[0])
 
 
-def _unpad_rows_task(data):
+def _rows_to_nchw_task(data):
     d = carray(data, 16, dtype=np.int64)
     if d[2]:
-        _unpad_rows_chunks(d, _floats64(d, 3), _floats64(d, 5))
+        _rows_to_nchw_chunks(d, _floats64(d, 3), _floats64(d, 5))
     else:
-        _unpad_rows_chunks(d, _floats32(d, 3), _floats32(d, 5))
+        _rows_to_nchw_chunks(d, _floats32(d, 3), _floats32(d, 5))
 
 
 @njit(nogil=True, cache=True)
-def _positions_to_nchw_chunks(d, src, out):
+def _gemm_rows_chunks(d, a, b, c):
     chunk = _claim(d[0])
     while chunk < d[1]:
-        _positions_to_nchw(src, out, _ints(d, 7), chunk, d[1])
+        _gemm_rows(a, b, c, _ints(d, 9), chunk, d[1])
         chunk = _claim(d[0])
 
 
-def _positions_to_nchw_task(data):
+def _gemm_rows_task(data):
     d = carray(data, 16, dtype=np.int64)
     if d[2]:
-        _positions_to_nchw_chunks(d, _floats64(d, 3), _floats64(d, 5))
+        _gemm_rows_chunks(d, _floats64(d, 3), _floats64(d, 5), _floats64(d, 7))
     else:
-        _positions_to_nchw_chunks(d, _floats32(d, 3), _floats32(d, 5))
+        _gemm_rows_chunks(d, _floats32(d, 3), _floats32(d, 5), _floats32(d, 7))
 
 
 @njit(nogil=True, cache=True)
@@ -1124,46 +1120,37 @@ def _pad_rows(inp, channels_last, pad, geo, chunk, chunks):
 
 
 @njit(nogil=True, cache=True)
-def _unpad_rows(pad, out, geo, chunk, chunks):
-    """The inverse of ``_pad_rows`` into NCHW: the chunk's share of the image rows of ``out``
-    (flat [N, C, H, W]) from the padded rows of ``pad``, in 16 x 16 blocks written along rows
-    (torch's permuted copy of the input gradient was 2-20x slower than a plain copy)."""
-    height, width, channels = geo[_H], geo[_W], geo[_C]
-    rows = geo[_BATCH] * height
-    row = (width + 2) * channels
-    plane = np.uint64(height * width)
-    for r in range(rows * chunk // chunks, rows * (chunk + 1) // chunks):
-        n = r // height
-        y = r - n * height
-        s = np.uint64((n * (height + 3) + y + 1) * row + channels)
-        d = (n * channels * height + y) * width
-        for c0 in range(0, channels, 16):
-            for x0 in range(0, width, 16):
-                for c in range(c0, min(c0 + 16, channels)):
-                    dc = np.uint64(d) + np.uint64(c) * plane
-                    for x in range(x0, min(x0 + 16, width)):
-                        out[dc + np.uint64(x)] = pad[s + np.uint64(x * channels + c)]
-
-
-@njit(nogil=True, cache=True)
-def _positions_to_nchw(src, out, dims, chunk, chunks):
-    """One tile of the forward's GEMM result, ``src`` [nb, rb, wb, C] (flat), into its region of
-    ``out`` (flat [N, C, H, W]); ``dims`` = (C, H, W, n0, r0, c0, nb, rb, wb). The chunk's share
-    of the tile's rows, as ``_unpad_rows``."""
+def _rows_to_nchw(src, out, dims, chunk, chunks):
+    """Rows of positions, channels innermost, into their region of ``out`` (flat [N, C, H, W]):
+    the forward's GEMM result and the input gradient's padded rows. ``dims`` = (C, H, W, n0, r0,
+    c0, nb, rb, wb, image, row, first): ``nb`` x ``rb`` rows of ``wb`` positions go to images
+    n0.., rows r0.., columns c0.. of ``out``; row (nl, rl) starts at
+    ``src[first + nl * image + rl * row]``. The chunk does its share of the rows, transposed in
+    16 x 16 blocks written along rows (torch's permuted copies were 2-20x slower than plain ones:
+    reading along channels strides by H * W)."""
     channels, height, width = dims[0], dims[1], dims[2]
     n0, r0, c0, rb, wb = dims[3], dims[4], dims[5], dims[7], dims[8]
     rows = dims[6] * rb
     plane = np.uint64(height * width)
     for r in range(rows * chunk // chunks, rows * (chunk + 1) // chunks):
         nl = r // rb
-        s = np.uint64(r * wb * channels)
-        d = ((n0 + nl) * channels * height + r0 + r - nl * rb) * width + c0
-        for c0_ in range(0, channels, 16):
-            for x0 in range(0, wb, 16):
-                for c in range(c0_, min(c0_ + 16, channels)):
+        rl = r - nl * rb
+        s = np.uint64(dims[11] + nl * dims[9] + rl * dims[10])
+        d = ((n0 + nl) * channels * height + r0 + rl) * width + c0
+        for cb in range(0, channels, 16):
+            for xb in range(0, wb, 16):
+                for c in range(cb, min(cb + 16, channels)):
                     dc = np.uint64(d) + np.uint64(c) * plane
-                    for x in range(x0, min(x0 + 16, wb)):
+                    for x in range(xb, min(xb + 16, wb)):
                         out[dc + np.uint64(x)] = src[s + np.uint64(x * channels + c)]
+
+
+def _unpadding(geo) -> np.ndarray:
+    """``_rows_to_nchw``'s dims that invert ``_padded``: its image rows back into NCHW."""
+    batch, height, width, channels = (int(v) for v in geo[[_BATCH, _H, _W, _C]])
+    row = (width + 2) * channels
+    return np.array([channels, height, width, 0, 0, 0, batch, height, width, (height + 3) * row,
+                     row, row + channels], dtype=np.int64)  # fmt: skip
 
 
 def _padded(input: torch.Tensor, geo) -> torch.Tensor:
@@ -1182,11 +1169,6 @@ def _padded(input: torch.Tensor, geo) -> torch.Tensor:
     _run(_pad_rows, num_chunks(batch * (height + 3), pad.numel(), per_thread=1), flat,
                 channels_last, pad.numpy().reshape(-1), geo)  # fmt: skip
     return pad
-
-
-#: The forward's GEMM: "expanded" (oneDNN's convolution of the expanded image), "gemm" (a plain
-#: GEMM of the column matrix) or "auto" (chosen per shape by ``_forward_gemm``).
-FORWARD_GEMM = "auto"
 
 
 class _Problem:
@@ -1223,13 +1205,6 @@ class _Problem:
                     np.array(tile, dtype=np.int64), layout, out.numpy())  # fmt: skip
         return out.view(shape)
 
-    def expanded_image(self, tile):
-        """The tile as an NCHW view (channels-last memory) of E[nb, rb*kh, wb*kw, C]."""
-        _, _, _, nb, rb, wb = tile
-        c, kw = self.channels, self.kw
-        layout = np.array([self.kh * wb * kw * c, kw * c, wb * kw * c, c, self.cw, 1], np.int64)
-        return self.sample(tile, (nb, rb * self.kh, wb * kw, c), layout).permute(0, 3, 1, 2)
-
     def column_layout(self, tile):
         """Layout of cols[P, wg, kh*kw*cw], P = the tile's positions (n, row, column)."""
         wb = tile[5]
@@ -1258,20 +1233,6 @@ class _Problem:
         wg = self.weight_groups
         shape = (wg, self.out_channels // wg, self.taps * self.cw)
         return weight.detach().permute(0, 2, 3, 1).reshape(shape)
-
-
-def _forward_gemm(p: _Problem) -> bool:
-    """Whether the forward multiplies column matrices (oneDNN's matmul) rather than convolving
-    the expanded image (oneDNN's convolution with stride = kernel).
-
-    Measured on the benchmark's shapes (2-core AMD EPYC, single thread, forward vs F.conv2d):
-    the matmul is as fast or faster on every one of them, by 3-8 % on large maps and by up to 3x
-    on small ones (a ResNet-50's conv5 at batch 1: 0.92x against 3.31x), where the strided
-    convolution finds too little work per weight; in float64 the convolution falls back to a slow
-    generic kernel. The expanded image stays for ``FORWARD_GEMM = "expanded"`` (tested)."""
-    if FORWARD_GEMM != "auto":
-        return FORWARD_GEMM == "gemm"
-    return True
 
 
 #: Forces the column order of the forward's GEMM: "channel" or "tap" major; "auto" decides.
@@ -1310,11 +1271,85 @@ def _onednn(a, reduction: int) -> bool:
 
 def _matmul(a, w, bias=None):
     """``a @ w.T (+ bias)`` for a [M, K] and w [N, K]: oneDNN's matmul where it is exact across
-    thread counts (float32, K not too long), else BLAS. On AMD CPUs the BLAS torch ships (MKL)
-    runs a slower code path, so oneDNN is worth a good deal on narrow outputs."""
+    thread counts (float32, K not too long), else ``_gemm``. (On AMD CPUs the BLAS torch ships,
+    MKL, runs a slower code path, so oneDNN is worth a good deal on narrow outputs; on Intel CPUs
+    MKL is not exact across thread counts.)"""
     if _onednn(a, a.shape[1]):
         return _onednn_linear(a, w, bias, "none", [], "")
-    return torch.mm(a, w.t()) if bias is None else torch.addmm(bias, a, w.t())
+    out = torch.empty(a.shape[0], w.shape[0], dtype=a.dtype)
+    if bias is not None:
+        out.copy_(bias.expand_as(out))
+    _gemm(a, w.t().contiguous(), out, accumulate=bias is not None)
+    return out
+
+
+@njit(nogil=True, cache=True, fastmath=_FASTMATH)
+def _gemm_rows(a, b, c, dims, chunk, chunks):
+    """``c[m, :] (+)= a[m, :] @ b`` for the chunk's share of the blocks of four rows of ``c``;
+    ``dims`` = (M, N, K, a's row and column strides, b's row stride, c's row stride, accumulate).
+    Each element of ``c`` is one sum over k in order, by the same code whatever the chunks: exact
+    across thread counts. A block's rows share each row of ``b`` (read once for four)."""
+    m_, n_, k_ = dims[0], dims[1], dims[2]
+    a_row, a_col, b_row, c_row = dims[3], dims[4], dims[5], dims[6]
+    zero = c.dtype.type(0.0)
+    nu = np.uint64(n_)
+    blocks = (m_ + 3) // 4
+    for blk in range(blocks * chunk // chunks, blocks * (chunk + 1) // chunks):
+        m0 = 4 * blk
+        rows = min(4, m_ - m0)
+        if dims[7] == 0:
+            for r in range(rows):
+                cr = np.uint64((m0 + r) * c_row)
+                for n in range(nu):
+                    c[cr + n] = zero
+        if rows == 4:
+            c0 = np.uint64(m0 * c_row)
+            c1 = c0 + np.uint64(c_row)
+            c2 = c1 + np.uint64(c_row)
+            c3 = c2 + np.uint64(c_row)
+            for k in range(k_):
+                a0 = a[m0 * a_row + k * a_col]
+                a1 = a[(m0 + 1) * a_row + k * a_col]
+                a2 = a[(m0 + 2) * a_row + k * a_col]
+                a3 = a[(m0 + 3) * a_row + k * a_col]
+                bk = np.uint64(k * b_row)
+                for n in range(nu):
+                    v = b[bk + n]
+                    c[c0 + n] += a0 * v
+                    c[c1 + n] += a1 * v
+                    c[c2 + n] += a2 * v
+                    c[c3 + n] += a3 * v
+        else:
+            for r in range(rows):
+                cr = np.uint64((m0 + r) * c_row)
+                for k in range(k_):
+                    ar = a[(m0 + r) * a_row + k * a_col]
+                    bk = np.uint64(k * b_row)
+                    for n in range(nu):
+                        c[cr + n] += ar * b[bk + n]
+
+
+def _flat(t: torch.Tensor) -> np.ndarray:
+    """A 1-D numpy view of ``t``'s memory from its first element to its last (strides kept by
+    the caller)."""
+    extent = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+    return t.as_strided((extent,), (1,)).numpy()
+
+
+def _gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool = False) -> None:
+    """``out (+)= a @ b`` by ``_gemm_rows``: the GEMMs oneDNN cannot run exactly (float64, long
+    reductions), where BLAS would do (MKL on Intel CPUs gives other results on other thread
+    counts). ``a`` [M, K] any strides; ``b`` [K, N] and ``out`` [M, N] with unit column stride."""
+    (m, k), n = a.shape, b.shape[1]
+    if m == 0 or n == 0:
+        return
+    if k == 0:
+        if not accumulate:
+            out.zero_()
+        return
+    dims = np.array([m, n, k, a.stride(0), a.stride(1), b.stride(0), out.stride(0), accumulate],
+                    dtype=np.int64)  # fmt: skip
+    _run(_gemm_rows, num_chunks((m + 3) // 4, m * n * k), _flat(a), _flat(b), _flat(out), dims)
 
 
 def forward(input, offset, weight, bias, stride, padding, dilation, mask):
@@ -1325,30 +1360,26 @@ def forward(input, offset, weight, bias, stride, padding, dilation, mask):
     memory_format = torch.channels_last if p.channels_last else torch.contiguous_format
     w = weight.detach()
     b = bias.detach() if bias is not None else None
-    gemm = _forward_gemm(p)
     wg, cog = p.weight_groups, cout // p.weight_groups
-    if gemm:
-        channel_major = _channel_major(p, w)
-        w_mat = w.reshape(wg, cog, p.cw * p.taps) if channel_major else p.weight_matrix(w)
-        w_mat = w_mat.contiguous()
+    channel_major = _channel_major(p, w)
+    w_mat = w.reshape(wg, cog, p.cw * p.taps) if channel_major else p.weight_matrix(w)
+    w_mat = w_mat.contiguous()
     out = None
     for tile in p.tiles:
         n0, r0, c0, nb, rb, wb = tile
-        if gemm:
-            cols = p.group_columns(tile, channel_major)
-            parts = [_matmul(cols[gw], w_mat[gw], None if b is None else b[gw * cog : (gw + 1) * cog])
-                     for gw in range(wg)]  # fmt: skip
-            res = parts[0] if wg == 1 else torch.cat(parts, dim=1)
-            if not p.channels_last:  # into NCHW by a blocked transpose, not torch's permuted copy
-                if out is None:
-                    out = torch.empty(shape, dtype=p.dtype)
-                dims = np.array([cout, p.out_h, p.out_w, *tile], dtype=np.int64)
-                _run(_positions_to_nchw, num_chunks(nb * rb, res.numel(), per_thread=1),
-                     res.numpy().reshape(-1), out.numpy().reshape(-1), dims)  # fmt: skip
-                continue
-            res = res.view(nb, rb, wb, cout).permute(0, 3, 1, 2)
-        else:
-            res = F.conv2d(p.expanded_image(tile), w, b, stride=(p.kh, p.kw), groups=wg)
+        cols = p.group_columns(tile, channel_major)
+        parts = [_matmul(cols[gw], w_mat[gw], None if b is None else b[gw * cog : (gw + 1) * cog])
+                 for gw in range(wg)]  # fmt: skip
+        res = parts[0] if wg == 1 else torch.cat(parts, dim=1)
+        if not p.channels_last:  # into NCHW by a blocked transpose, not torch's permuted copy
+            if out is None:
+                out = torch.empty(shape, dtype=p.dtype)
+            dims = np.array([cout, p.out_h, p.out_w, *tile, rb * wb * cout, wb * cout, 0],
+                            dtype=np.int64)  # fmt: skip
+            _run(_rows_to_nchw, num_chunks(nb * rb, res.numel(), per_thread=1),
+                 res.numpy().reshape(-1), out.numpy().reshape(-1), dims)  # fmt: skip
+            continue
+        res = res.view(nb, rb, wb, cout).permute(0, 3, 1, 2)
         if len(p.tiles) == 1:
             return res.contiguous(memory_format=memory_format)
         if out is None:
@@ -1357,6 +1388,35 @@ def forward(input, offset, weight, bias, stride, padding, dilation, mask):
     if out is None:  # an empty batch
         out = torch.empty(shape, dtype=p.dtype, memory_format=memory_format)
     return out
+
+
+#: Output channels per weight group up to which dL/dcols (a reduction over them) runs on BLAS:
+#: measured exact across 1-4 threads there on both CPUs this was developed on (MKL on Intel
+#: split longer reductions between threads when the tile has few positions, 256 channels and
+#: up). Beyond it, oneDNN's matmul, exact up to ``ONEDNN_MAX_REDUCTION``.
+BLAS_MAX_REDUCTION = 128
+
+
+def _grad_samples(g, w_mat, shape):
+    """dL/dcols [P, wg, kh*kw*cw] of one tile: ``g`` [P, Cout] times each weight group's matrix.
+
+    On BLAS it goes into a buffer kept between calls: oneDNN's matmul (no ``out=``) returns a
+    fresh tile-sized one, which costs a page fault per 4 KiB on every call (measured on
+    2x64x56x56: 3700 faults and a quarter of the forward+backward time)."""
+    wg, cog = w_mat.shape[:2]
+    if g.dtype == torch.float32 and cog <= BLAS_MAX_REDUCTION:
+        gc = _scratch("grad_samples", math.prod(shape), g.dtype).view(shape)
+        for gw in range(wg):
+            torch.mm(g[:, gw * cog : (gw + 1) * cog], w_mat[gw], out=gc[:, gw])
+        return gc
+    if _onednn(g, cog):
+        parts = [_onednn_linear(g[:, gw * cog : (gw + 1) * cog], w_mat[gw].t(), None, "none", [], "")
+                 for gw in range(wg)]  # fmt: skip
+        return parts[0].view(shape) if wg == 1 else torch.stack(parts, dim=1)
+    gc = torch.empty(shape, dtype=g.dtype)
+    for gw in range(wg):
+        _gemm(g[:, gw * cog : (gw + 1) * cog], w_mat[gw], gc[:, gw])
+    return gc
 
 
 def backward(grad_out, input, offset, weight, stride, padding, dilation, mask, need):
@@ -1381,13 +1441,7 @@ def backward(grad_out, input, offset, weight, stride, padding, dilation, mask, n
         g = g_t.t()
         shape = (positions, wg, p.taps * p.cw)
         if need_taps:
-            # into a buffer kept between calls: oneDNN's matmul (no out=) returned a fresh
-            # tile-sized one, which cost a page fault per 4 KiB on every call (measured on
-            # 2x64x56x56: 3700 faults and a quarter of the forward+backward time); BLAS is as
-            # fast here (a reduction over output channels only) and exact across thread counts
-            gc = _scratch("grad_samples", math.prod(shape), p.dtype).view(shape)
-            for gw in range(wg):
-                torch.mm(g[:, gw * cog : (gw + 1) * cog], w_mat[gw], out=gc[:, gw])
+            gc = _grad_samples(g, w_mat, shape)
             cols = _scratch("samples", math.prod(shape), p.dtype).view(shape) if need_weight else gc
             tile_np, layout = np.array(tile, dtype=np.int64), p.column_layout(tile)
             gc_np = gc.numpy().reshape(-1)
@@ -1420,7 +1474,7 @@ def backward(grad_out, input, offset, weight, stride, padding, dilation, mask, n
                 if onednn:
                     grad_w_mat[gw] += _onednn_linear(rows, cols[:, gw].t(), None, "none", [], "")
                 else:
-                    grad_w_mat[gw].addmm_(rows, cols[:, gw])
+                    _gemm(rows, cols[:, gw], grad_w_mat[gw], accumulate=True)
     grad_input = None
     if need_input:
         height, width = input.shape[-2:]
@@ -1429,8 +1483,9 @@ def backward(grad_out, input, offset, weight, stride, padding, dilation, mask, n
             grad_input = grad_input.contiguous(memory_format=torch.channels_last)
         else:
             grad_input = torch.empty(input.shape, dtype=p.dtype)
-            _run(_unpad_rows, num_chunks(input.shape[0] * height, grad_input.numel(), per_thread=1),
-                 grad_pad.numpy().reshape(-1), grad_input.numpy().reshape(-1), p.geo)  # fmt: skip
+            chunks = num_chunks(input.shape[0] * height, grad_input.numel(), per_thread=1)
+            _run(_rows_to_nchw, chunks, grad_pad.numpy().reshape(-1), grad_input.numpy().reshape(-1),
+                 _unpadding(p.geo))  # fmt: skip
     grad_weight = None
     if need_weight:
         grad_weight = grad_w_mat.reshape(p.out_channels, p.kh, p.kw, p.cw).permute(0, 3, 1, 2)
