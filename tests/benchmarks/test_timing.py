@@ -32,3 +32,10 @@ def test_cpu_timing_takes_rounds_of_turns_and_keeps_the_smallest_median(monkeypa
     assert calls == ["a"] * 3 + ["b"] * 3 + ["a"] * 3 + ["b"] * 3 + ["a"] * 3 + ["b"] * 3
     assert result["a"] == pytest.approx(3.0)  # medians 6, 3 and 9 ms
     assert result["b"] == pytest.approx(1.0)  # medians 1, 7 and 4 ms
+
+
+def test_cpu_name_from_cpuinfo(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Some CPU @ 2.0GHz\n\n")
+    assert timing.cpu_name(str(cpuinfo)) == "Some CPU @ 2.0GHz"
+    assert timing.cpu_name(str(tmp_path / "missing"))  # falls back to the platform's name

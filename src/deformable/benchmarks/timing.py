@@ -3,13 +3,27 @@
 from __future__ import annotations
 
 import gc
+import platform
 import re
 import statistics
 import time
 
 import torch
 
-__all__ = ["cuda_peak_extra_mib", "median_ms", "peak_extra_mib", "unsupported"]
+__all__ = ["cpu_name", "cuda_peak_extra_mib", "median_ms", "peak_extra_mib", "unsupported"]
+
+
+def cpu_name(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CPU's model name (Linux: from ``cpuinfo``), for the header of a CPU table: ratios
+    against ``F.conv2d`` depend on it (oneDNN's and MKL's kernels, the vector width)."""
+    try:
+        with open(cpuinfo) as f:
+            match = re.search(r"^model name\s*:\s*(.+)$", f.read(), re.M)
+        if match:
+            return match.group(1).strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
 
 
 #: Rounds of turns a CPU timing takes (``median_ms``).

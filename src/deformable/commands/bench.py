@@ -38,9 +38,9 @@ def _bench(argv: list[str]) -> int:
         write_json(args.json, result)
         return 0
     shapes = conv.SHAPE_SETS[args.shapes]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; smallest of "
-          f"{timing.CPU_ROUNDS} rounds' medians of {args.repeats}; ratios against F.conv2d in "
-          "this run", file=sys.stderr)  # fmt: skip
+    print(f"torch {torch.__version__}, {timing.cpu_name()}, {torch.get_num_threads()} threads; "
+          f"smallest of {timing.CPU_ROUNDS} rounds' medians of {args.repeats}; ratios against "
+          "F.conv2d in this run", file=sys.stderr)  # fmt: skip
     rows = conv.run(shapes, args.repeats, not args.no_torchvision)
     print(conv.markdown(rows))
     write_json(args.json, rows)

@@ -25,7 +25,8 @@ def _bench(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     positive(parser, args, "repeats")
     device = resolve_device(args.device)
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
+             else f"{timing.cpu_name()}, {torch.get_num_threads()} threads")  # fmt: skip
     rounds = "" if device.type == "cuda" else f"smallest of {timing.CPU_ROUNDS} rounds' "
     print(f"torch {torch.__version__}, {where}; {rounds}median of {args.repeats}; ratios "
           "against torchvision in this run", file=sys.stderr)  # fmt: skip
