@@ -159,6 +159,22 @@ def test_blas_where_onednn_is_not_exact(monkeypatch, config):
         assert_close(onednn_grads[name], expected_grads[name], what=f"grad of {name}")
 
 
+@pytest.mark.parametrize("config", ["wide_channels", "groups_cross"])
+def test_sample_gradients_on_onednn(monkeypatch, config):
+    """dL/dcols over more than BLAS_MAX_REDUCTION output channels a group runs on oneDNN's matmul
+    (one weight group, and several stacked): the gradients held to the BLAS run's and the
+    reference."""
+    args = make(dtype=torch.float32, **CONFIGS[config])
+    blas, blas_grads, grad_out = grads_of(deform_conv2d, args)
+    monkeypatch.setattr(_deform_conv_cpu, "BLAS_MAX_REDUCTION", 0)
+    onednn, onednn_grads, _ = grads_of(deform_conv2d, args, grad_out)
+    expected, expected_grads, _ = grads_of(reference.deform_conv2d, args, grad_out)
+    assert torch.equal(onednn, blas)  # the forward has no dL/dcols
+    for name in expected_grads:
+        assert_close(onednn_grads[name], blas_grads[name], what=f"grad of {name}")
+        assert_close(onednn_grads[name], expected_grads[name], what=f"grad of {name}")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_channels_last_in_channels_last_out(path, dtype):
     """A channels-last input gives a channels-last output and input gradient (as F.conv2d), with
