@@ -112,6 +112,25 @@ def test_gradcheck_specialised_width(path):
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6, nondet_tol=0.0)
 
 
+def same_on_any_thread_count(args):
+    """deform_conv2d's output and gradients on 1, 2 and 3 threads: asserts they are the same bits;
+    returns the first run's (output, gradients, output gradient)."""
+    before = torch.get_num_threads()
+    runs = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            runs.append(grads_of(deform_conv2d, args, runs[0][2] if runs else None))
+    finally:
+        torch.set_num_threads(before)
+    (out, grads, _), others = runs[0], runs[1:]
+    for other, other_grads, _ in others:
+        assert torch.equal(other, out)
+        for name in grads:
+            assert torch.equal(other_grads[name], grads[name]), name
+    return runs[0]
+
+
 #: (batch, channels, height, width, out_channels) where the thread counts are compared: the first
 #: big enough that oneDNN, BLAS and the kernels all split their work between threads; the
 #: second a wide layer on a few positions (dL/dcols on oneDNN: MKL on Intel CPUs splits that
@@ -126,19 +145,7 @@ def test_thread_count_does_not_change_results(path, dtype, shape):
     args = make(dtype=dtype, batch=batch, channels=channels, height=height, width=width,
                 out_channels=out_channels, kernel=(3, 3), stride=(1, 1), padding=(1, 1),
                 dilation=(1, 1), weight_groups=1, offset_groups=2)  # fmt: skip
-    before = torch.get_num_threads()
-    runs = []
-    try:
-        for threads in (1, 2, 3):
-            torch.set_num_threads(threads)
-            runs.append(grads_of(deform_conv2d, args, runs[0][2] if runs else None))
-    finally:
-        torch.set_num_threads(before)
-    (out, grads, _), others = runs[0], runs[1:]
-    for other, other_grads, _ in others:
-        assert torch.equal(other, out)
-        for name in grads:
-            assert torch.equal(other_grads[name], grads[name]), name
+    same_on_any_thread_count(args)
 
 
 @pytest.mark.parametrize("config", ["wide_channels", "groups_cross"])
@@ -277,20 +284,8 @@ def test_fused_backward_thread_count_does_not_change_results(dtype):
     args = make(dtype=dtype, batch=16, channels=32, height=10, width=9, out_channels=24,
                 kernel=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1), weight_groups=1,
                 offset_groups=1)  # fmt: skip
-    before = torch.get_num_threads()
-    runs = []
-    try:
-        for threads in (1, 2, 3):
-            torch.set_num_threads(threads)
-            runs.append(grads_of(deform_conv2d, args, runs[0][2] if runs else None))
-    finally:
-        torch.set_num_threads(before)
-    (out, grads, _), others = runs[0], runs[1:]
-    for other, other_grads, _ in others:
-        assert torch.equal(other, out)
-        for name in grads:
-            assert torch.equal(other_grads[name], grads[name]), name
-    expected, expected_grads, _ = grads_of(reference.deform_conv2d, args, runs[0][2])
+    _, grads, grad_out = same_on_any_thread_count(args)
+    expected, expected_grads, _ = grads_of(reference.deform_conv2d, args, grad_out)
     for name, grad in expected_grads.items():
         assert_close(grads[name], grad, what=f"grad of {name}")
 
