@@ -149,7 +149,7 @@ def test_thread_count_does_not_change_results(path, dtype, shape):
 
 
 @pytest.mark.parametrize("config", ["wide_channels", "groups_cross"])
-def test_blas_where_onednn_is_not_exact(monkeypatch, config):
+def test_exact_gemm_where_onednn_is_not_exact(monkeypatch, config):
     """Past ONEDNN_MAX_REDUCTION the float32 GEMMs (the forward's, dL/dcols past
     BLAS_MAX_REDUCTION and the weight gradient's) run on ``_gemm``: same results, both held to
     the reference."""

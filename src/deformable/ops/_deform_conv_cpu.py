@@ -1269,17 +1269,18 @@ def _onednn(a, reduction: int) -> bool:
     return _onednn_linear is not None and a.dtype == torch.float32 and reduction <= ONEDNN_MAX_REDUCTION
 
 
-def _matmul(a, w, bias=None):
+def _matmul(a, w, w_t, bias=None):
     """``a @ w.T (+ bias)`` for a [M, K] and w [N, K]: oneDNN's matmul where it is exact across
-    thread counts (float32, K not too long), else ``_gemm``. (On AMD CPUs the BLAS torch ships,
-    MKL, runs a slower code path, so oneDNN is worth a good deal on narrow outputs; on Intel CPUs
-    MKL is not exact across thread counts.)"""
+    thread counts (float32, K not too long), else ``_gemm`` on ``w_t``, ``w.T`` made contiguous
+    (by the caller, once for all its tiles; None where oneDNN runs). (On AMD CPUs the BLAS torch
+    ships, MKL, runs a slower code path, so oneDNN is worth a good deal on narrow outputs; on
+    Intel CPUs MKL is not exact across thread counts.)"""
     if _onednn(a, a.shape[1]):
         return _onednn_linear(a, w, bias, "none", [], "")
     out = torch.empty(a.shape[0], w.shape[0], dtype=a.dtype)
     if bias is not None:
         out.copy_(bias.expand_as(out))
-    _gemm(a, w.t().contiguous(), out, accumulate=bias is not None)
+    _gemm(a, w_t, out, accumulate=bias is not None)
     return out
 
 
@@ -1364,12 +1365,14 @@ def forward(input, offset, weight, bias, stride, padding, dilation, mask):
     channel_major = _channel_major(p, w)
     w_mat = w.reshape(wg, cog, p.cw * p.taps) if channel_major else p.weight_matrix(w)
     w_mat = w_mat.contiguous()
+    # _gemm's operand, transposed once for all tiles (not used where oneDNN runs)
+    w_t = [None] * wg if _onednn(w_mat, w_mat.shape[2]) else w_mat.transpose(1, 2).contiguous()
+    biases = [None if b is None else b[gw * cog : (gw + 1) * cog] for gw in range(wg)]
     out = None
     for tile in p.tiles:
         n0, r0, c0, nb, rb, wb = tile
         cols = p.group_columns(tile, channel_major)
-        parts = [_matmul(cols[gw], w_mat[gw], None if b is None else b[gw * cog : (gw + 1) * cog])
-                 for gw in range(wg)]  # fmt: skip
+        parts = [_matmul(cols[gw], w_mat[gw], w_t[gw], biases[gw]) for gw in range(wg)]
         res = parts[0] if wg == 1 else torch.cat(parts, dim=1)
         if not p.channels_last:  # into NCHW by a blocked transpose, not torch's permuted copy
             if out is None:
