@@ -336,7 +336,7 @@ def test_padded_input_and_its_gradient_reused_only_when_small(monkeypatch):
 @pytest.mark.parametrize("shape", [(2, 6, 9, 8), (3, 40, 17, 33), (1, 1, 1, 1)])
 def test_unpadding_inverts_padding(dtype, shape):
     """``_rows_to_nchw`` with ``_unpadding`` (the input gradient back to NCHW) is the inverse of
-    ``_padded``, across its 16 x 16 blocks and thread chunks."""
+    ``_padded``, across its vector blocks and thread chunks."""
     x = torch.randn(shape, dtype=dtype)
     weight = torch.zeros(1, shape[1], 3, 3, dtype=dtype)
     offset = torch.zeros(shape[0], 18, *shape[2:], dtype=dtype)
@@ -348,6 +348,24 @@ def test_unpadding_inverts_padding(dtype, shape):
                                            _deform_conv_cpu._unpadding(p.geo), chunk, chunks)  # fmt: skip
         assert torch.equal(out, x)
         out.fill_(float("nan"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("rows, cols",
+                         [(8, 8), (4, 4), (3, 20), (20, 3), (9, 17), (17, 9), (16, 40), (1, 1)])
+def test_transpose(dtype, rows, cols):
+    """``_transpose`` (the padding and the NCHW output): vector blocks (8 x 8 in float32, 4 x 4 in
+    float64), the last of each dimension overlapping the one before, and the scalar loops of a
+    dimension shorter than a block, between strided rows at an offset; nothing written outside
+    the destination."""
+    # element (i, j) at 2 + j * (rows + 3) + i
+    src = torch.randn(2 + cols * (rows + 3), dtype=dtype)
+    dst = torch.full((3 + rows * (cols + 5),), float("nan"), dtype=dtype)
+    _deform_conv_cpu._transpose(dst.numpy(), 3, cols + 5, src.numpy(), 2, rows + 3, rows, cols)
+    expected = src[2:].view(cols, rows + 3)[:, :rows].T
+    written = dst[3:].view(rows, cols + 5)
+    assert torch.equal(written[:, :cols], expected)
+    assert dst[:3].isnan().all() and written[:, cols:].isnan().all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
