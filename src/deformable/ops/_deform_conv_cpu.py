@@ -158,6 +158,56 @@ def _blend4(out, o, inp, a, row, col, w00, w01, w10, w11, count):
                        + w10 * inp[a10 + c] + w11 * inp[a11 + c])  # fmt: skip
 
 
+def _vector_blend(width):
+    """An intrinsic ``blend(out, o, inp, a, row, col, w00, w01, w10, w11)``: ``_blend4`` of
+    ``width`` channels as straight-line vector code (LLVM splits the vector into the CPU's).
+
+    Numba's loop of a constant width vectorised too, but behind run-time checks that ``out``
+    and ``inp`` do not overlap, with a scalar fallback, in a loop nest whose variables then
+    spilled to the stack: 21 ns a (position, tap) of 32 channels on one thread, 8-10 ns this
+    way. The products are summed in the loop's order (w00 first, then three fused multiply-adds):
+    the same bits."""
+
+    @intrinsic
+    def blend(typingctx, out, o, inp, a, row, col, w00, w01, w10, w11):
+        def codegen(context, builder, signature, args):
+            dtype = signature.args[0].dtype
+            vector = llvm_ir.VectorType(context.get_data_type(dtype), width)
+            o, a, row, col = (context.cast(builder, args[k], signature.args[k], types.int64)
+                              for k in (1, 3, 4, 5))  # fmt: skip
+            out_data = context.make_array(signature.args[0])(context, builder, args[0]).data
+            inp_data = context.make_array(signature.args[2])(context, builder, args[2]).data
+            align = dtype.bitwidth // 8
+            lane0 = llvm_ir.Constant(llvm_ir.IntType(32), 0)
+            zeros = llvm_ir.Constant(llvm_ir.VectorType(llvm_ir.IntType(32), width), [0] * width)
+            fma = cgutils.get_or_insert_function(
+                builder.module, llvm_ir.FunctionType(vector, [vector] * 3),
+                f"llvm.fma.v{width}f{dtype.bitwidth}")  # fmt: skip
+
+            def splat(k):
+                value = context.cast(builder, args[k], signature.args[k], dtype)
+                one = builder.insert_element(llvm_ir.Constant(vector, None), value, lane0)
+                return builder.shuffle_vector(one, llvm_ir.Constant(vector, None), zeros)
+
+            def pointer(data, index):
+                return builder.bitcast(builder.gep(data, [index]), vector.as_pointer())
+
+            a10 = builder.add(a, row)
+            total = builder.fmul(splat(6), builder.load(pointer(inp_data, a), align=align))
+            for k, at in ((7, builder.add(a, col)), (8, a10), (9, builder.add(a10, col))):
+                corner = builder.load(pointer(inp_data, at), align=align)
+                total = builder.call(fma, [splat(k), corner, total])
+            builder.store(total, pointer(out_data, o), align=align)
+            return context.get_dummy_value()
+
+        return types.void(out, o, inp, a, row, col, w00, w01, w10, w11), codegen
+
+    return blend
+
+
+_blend16, _blend32, _blend64 = (_vector_blend(width) for width in (16, 32, 64))
+
+
 @njit(nogil=True, cache=True, fastmath=_FASTMATH, inline="always")
 def _blend4_strided(out, o, step, inp, a, row, col, w00, w01, w10, w11, count):
     """As ``_blend4``, writing out[o + c * step] (channel-major columns)."""
@@ -195,11 +245,11 @@ def _axpy2(dst, d, step, w0, w1, src, s, count):
 @njit(nogil=True, cache=True, fastmath=_FASTMATH, inline="always")
 def _blend_width(out, o, inp, a, row, col, w00, w01, w10, w11, count):
     if count == 32:
-        _blend4(out, o, inp, a, row, col, w00, w01, w10, w11, 32)
+        _blend32(out, o, inp, a, row, col, w00, w01, w10, w11)
     elif count == 64:
-        _blend4(out, o, inp, a, row, col, w00, w01, w10, w11, 64)
+        _blend64(out, o, inp, a, row, col, w00, w01, w10, w11)
     elif count == 16:
-        _blend4(out, o, inp, a, row, col, w00, w01, w10, w11, 16)
+        _blend16(out, o, inp, a, row, col, w00, w01, w10, w11)
     else:
         _blend4(out, o, inp, a, row, col, w00, w01, w10, w11, count)
 
@@ -454,7 +504,7 @@ def _blend_rows(out, pad, image, index, weight, geo, dest, lay, item, rows, wb, 
                     w = np.uint64(4) * t
                     w00, w01 = weight[w], weight[w + np.uint64(1)]
                     w10, w11 = weight[w + np.uint64(2)], weight[w + np.uint64(3)]
-                    _blend4(out, o, pad, a, row, col, w00, w01, w10, w11, cpg)
+                    _blend_width(out, o, pad, a, row, col, w00, w01, w10, w11, cpg)
                     t += step
                 j += 1
                 if j == kw:
