@@ -46,12 +46,17 @@ CONFIGS = {
                        width=10, weight_groups=1, offset_groups=1),  # fmt: skip
     "wide_channels": dict(channels=40, out_channels=24, weight_groups=1, offset_groups=1,
                           kernel=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1)),  # fmt: skip
-    # channel loops specialised for 16, 32 and 64 channels per offset group (one run each)
+    # channel loops specialised for 16, 32 and 64 channels per offset group (one run each):
+    # vector intrinsics, each in a loop nest of its own
     "width_16": dict(channels=16, out_channels=8, weight_groups=1, offset_groups=1),
     "width_32_two_groups": dict(channels=64, out_channels=8, weight_groups=2, offset_groups=2,
                                 height=7, width=6),  # fmt: skip
     "width_64": dict(channels=64, out_channels=8, weight_groups=1, offset_groups=1, height=7,
                      width=6),  # fmt: skip
+    # one offset group in two runs of 32 channels (two weight groups): the general loop nests
+    # with the 32-channel vector code inside
+    "runs_of_32": dict(channels=64, out_channels=8, weight_groups=2, offset_groups=1, height=7,
+                       width=6),  # fmt: skip
     "batch_odd": dict(batch=5, weight_groups=1, offset_groups=1),
     "far_outside": dict(offset_scale=50.0),
     "v1_no_bias": dict(modulated=False, bias=False),

@@ -158,6 +158,70 @@ def _blend4(out, o, inp, a, row, col, w00, w01, w10, w11, count):
                        + w10 * inp[a10 + c] + w11 * inp[a11 + c])  # fmt: skip
 
 
+def _shuffle_mask(lanes):
+    """A shuffle's mask: the lanes it picks, numbered across its two operands."""
+    lanes = list(lanes)
+    return llvm_ir.Constant(llvm_ir.VectorType(llvm_ir.IntType(32), len(lanes)), lanes)
+
+
+_LANE0 = llvm_ir.Constant(llvm_ir.IntType(32), 0)
+
+
+class _Vectors:
+    """LLVM IR of whole vectors of ``width`` elements for the intrinsics below: loads and stores
+    at an element index of a numba array (unaligned), splats of scalars, fused multiply-adds,
+    a horizontal sum in a fixed order (halves added until one lane is left). The instructions
+    carry no fast-math flags: LLVM keeps their order, the same in a fresh compilation and in
+    numba's cache."""
+
+    def __init__(self, context, builder, signature, args, width):
+        self.context, self.builder, self.signature, self.args = context, builder, signature, args
+        self.width = width
+        self.dtype = signature.args[0].dtype
+        self.type = llvm_ir.VectorType(context.get_data_type(self.dtype), width)
+        self.align = self.dtype.bitwidth // 8
+        self.fma_function = cgutils.get_or_insert_function(
+            builder.module, llvm_ir.FunctionType(self.type, [self.type] * 3),
+            f"llvm.fma.v{width}f{self.dtype.bitwidth}")  # fmt: skip
+
+    def data(self, k):
+        """The data pointer of array argument ``k``."""
+        return self.context.make_array(self.signature.args[k])(self.context, self.builder,
+                                                               self.args[k]).data  # fmt: skip
+
+    def int(self, k):
+        return self.context.cast(self.builder, self.args[k], self.signature.args[k], types.int64)
+
+    def splat(self, k):
+        """Scalar argument ``k`` in every lane."""
+        value = self.context.cast(self.builder, self.args[k], self.signature.args[k], self.dtype)
+        empty = llvm_ir.Constant(self.type, None)
+        one = self.builder.insert_element(empty, value, _LANE0)
+        return self.builder.shuffle_vector(one, empty, _shuffle_mask([0] * self.width))
+
+    def pointer(self, data, index):
+        return self.builder.bitcast(self.builder.gep(data, [index]), self.type.as_pointer())
+
+    def load(self, data, index):
+        return self.builder.load(self.pointer(data, index), align=self.align)
+
+    def store(self, value, data, index):
+        self.builder.store(value, self.pointer(data, index), align=self.align)
+
+    def fma(self, a, b, c):
+        """a * b + c, one rounding."""
+        return self.builder.call(self.fma_function, [a, b, c])
+
+    def sum(self, v):
+        builder, n = self.builder, self.width
+        while n > 1:
+            n //= 2
+            low = builder.shuffle_vector(v, v, _shuffle_mask(range(n)))
+            high = builder.shuffle_vector(v, v, _shuffle_mask(range(n, 2 * n)))
+            v = builder.fadd(low, high)
+        return builder.extract_element(v, _LANE0)
+
+
 def _vector_blend(width):
     """An intrinsic ``blend(out, o, inp, a, row, col, w00, w01, w10, w11)``: ``_blend4`` of
     ``width`` channels as straight-line vector code (LLVM splits the vector into the CPU's).
@@ -171,33 +235,14 @@ def _vector_blend(width):
     @intrinsic
     def blend(typingctx, out, o, inp, a, row, col, w00, w01, w10, w11):
         def codegen(context, builder, signature, args):
-            dtype = signature.args[0].dtype
-            vector = llvm_ir.VectorType(context.get_data_type(dtype), width)
-            o, a, row, col = (context.cast(builder, args[k], signature.args[k], types.int64)
-                              for k in (1, 3, 4, 5))  # fmt: skip
-            out_data = context.make_array(signature.args[0])(context, builder, args[0]).data
-            inp_data = context.make_array(signature.args[2])(context, builder, args[2]).data
-            align = dtype.bitwidth // 8
-            lane0 = llvm_ir.Constant(llvm_ir.IntType(32), 0)
-            zeros = llvm_ir.Constant(llvm_ir.VectorType(llvm_ir.IntType(32), width), [0] * width)
-            fma = cgutils.get_or_insert_function(
-                builder.module, llvm_ir.FunctionType(vector, [vector] * 3),
-                f"llvm.fma.v{width}f{dtype.bitwidth}")  # fmt: skip
-
-            def splat(k):
-                value = context.cast(builder, args[k], signature.args[k], dtype)
-                one = builder.insert_element(llvm_ir.Constant(vector, None), value, lane0)
-                return builder.shuffle_vector(one, llvm_ir.Constant(vector, None), zeros)
-
-            def pointer(data, index):
-                return builder.bitcast(builder.gep(data, [index]), vector.as_pointer())
-
+            v = _Vectors(context, builder, signature, args, width)
+            out_data, inp_data = v.data(0), v.data(2)
+            a, row, col = v.int(3), v.int(4), v.int(5)
             a10 = builder.add(a, row)
-            total = builder.fmul(splat(6), builder.load(pointer(inp_data, a), align=align))
+            total = builder.fmul(v.splat(6), v.load(inp_data, a))
             for k, at in ((7, builder.add(a, col)), (8, a10), (9, builder.add(a10, col))):
-                corner = builder.load(pointer(inp_data, at), align=align)
-                total = builder.call(fma, [splat(k), corner, total])
-            builder.store(total, pointer(out_data, o), align=align)
+                total = v.fma(v.splat(k), v.load(inp_data, at), total)
+            v.store(total, out_data, v.int(1))
             return context.get_dummy_value()
 
         return types.void(out, o, inp, a, row, col, w00, w01, w10, w11), codegen
@@ -205,7 +250,69 @@ def _vector_blend(width):
     return blend
 
 
+def _vector_axpy2(width):
+    """An intrinsic ``axpy2(dst, d, step, w0, w1, src, s)``: ``_axpy2`` of ``width`` channels
+    as straight-line vector code (the blend's reasons; the same bits)."""
+
+    @intrinsic
+    def axpy2(typingctx, dst, d, step, w0, w1, src, s):
+        def codegen(context, builder, signature, args):
+            v = _Vectors(context, builder, signature, args, width)
+            dst_data = v.data(0)
+            value = v.load(v.data(5), v.int(6))
+            d0 = v.int(1)
+            d1 = builder.add(d0, v.int(2))
+            v.store(v.fma(v.splat(3), value, v.load(dst_data, d0)), dst_data, d0)
+            v.store(v.fma(v.splat(4), value, v.load(dst_data, d1)), dst_data, d1)
+            return context.get_dummy_value()
+
+        return types.void(dst, d, step, w0, w1, src, s), codegen
+
+    return axpy2
+
+
+def _vector_reduce4(width):
+    """An intrinsic: ``_reduce4`` of ``width`` channels as straight-line vector code, the
+    three sums over channels each added up in a fixed order (``_Vectors.sum``)."""
+
+    @intrinsic
+    def reduce4(typingctx, grad_cols, src, pad, a00, col, row, ly, lx, hy, write_cols, cols, m):
+        dtype = grad_cols.dtype
+        signature = types.UniTuple(dtype, 3)(grad_cols, src, pad, a00, col, row, ly, lx, hy,
+                                             write_cols, cols, m)  # fmt: skip
+
+        def codegen(context, builder, signature, args):
+            v = _Vectors(context, builder, signature, args, width)
+            pad_data = v.data(2)
+            src = v.int(1)
+            a00, col, row = v.int(3), v.int(4), v.int(5)
+            a10 = builder.add(a00, row)
+            ge = v.load(v.data(0), src)
+            va, vb = v.load(pad_data, a00), v.load(pad_data, builder.add(a00, col))
+            vc, vd = v.load(pad_data, a10), v.load(pad_data, builder.add(a10, col))
+            ly, lx, hy = v.splat(6), v.splat(7), v.splat(8)
+            dx_top = builder.fsub(vb, va)
+            dx_bottom = builder.fsub(vd, vc)
+            top = v.fma(lx, dx_top, va)
+            bottom = v.fma(lx, dx_bottom, vc)
+            dy = builder.fsub(bottom, top)
+            value = v.fma(ly, dy, top)
+            write = context.cast(builder, args[9], signature.args[9], types.boolean)
+            with builder.if_then(write):
+                v.store(builder.fmul(v.splat(11), value), v.data(10), src)
+            dx = v.fma(ly, dx_bottom, builder.fmul(hy, dx_top))
+            sums = [v.sum(builder.fmul(ge, term)) for term in (dy, dx, value)]
+            return context.make_tuple(builder, signature.return_type, sums)
+
+        return signature, codegen
+
+    return reduce4
+
+
 _blend16, _blend32, _blend64 = (_vector_blend(width) for width in (16, 32, 64))
+# the backward's intrinsics: 16 and 32 channels only (with 64, slower than numba's loops)
+_axpy2_16, _axpy2_32 = (_vector_axpy2(width) for width in (16, 32))
+_reduce16, _reduce32 = (_vector_reduce4(width) for width in (16, 32))
 
 
 @njit(nogil=True, cache=True, fastmath=_FASTMATH, inline="always")
@@ -267,6 +374,15 @@ def _axpy2_width(dst, d, step, w0, w1, src, s, count):
 
 
 @njit(nogil=True, cache=True, fastmath=_FASTMATH, inline="always")
+def _axpy2_vector(dst, d, step, w0, w1, src, s, width):
+    """``_axpy2`` of a constant ``width`` of 16 or 32 channels, by its intrinsic."""
+    if width == 32:
+        _axpy2_32(dst, d, step, w0, w1, src, s)
+    else:
+        _axpy2_16(dst, d, step, w0, w1, src, s)
+
+
+@njit(nogil=True, cache=True, fastmath=_FASTMATH, inline="always")
 def _reduce4(grad_cols, src, pad, a00, col, row, ly, lx, hy, write_cols, cols, m, count):
     """Per channel c of one tap: dL/dy, dL/dx (before the mask) and dL/dmask summed over the
     ``count`` channels, from the four corners at a00 (``pad``) and dL/dsample (``grad_cols``);
@@ -307,6 +423,14 @@ def _reduce4(grad_cols, src, pad, a00, col, row, ly, lx, hy, write_cols, cols, m
             acc_y += ge * (bottom - top)
             acc_x += ge * (hy * (vb - va) + ly * (vd - vc))
     return acc_y, acc_x, acc_m
+
+
+@njit(nogil=True, cache=True, fastmath=_FASTMATH, inline="always")
+def _reduce4_vector(grad_cols, src, pad, a00, col, row, ly, lx, hy, write_cols, cols, m, width):
+    """``_reduce4`` of a constant ``width`` of 16 or 32 channels, by its intrinsic."""
+    if width == 32:
+        return _reduce32(grad_cols, src, pad, a00, col, row, ly, lx, hy, write_cols, cols, m)
+    return _reduce16(grad_cols, src, pad, a00, col, row, ly, lx, hy, write_cols, cols, m)
 
 
 #: Output positions whose taps are located in one go (whole tile rows of one image, or one).
@@ -604,16 +728,13 @@ def _sample(pad, off, msk, has_mask, geo, runs, tile, lay, out, chunk, chunks):
             _blend_block(out, pad, image, index, weight, geo, runs, dest, lay, item, rows, wb)
 
 
-@njit(nogil=True, cache=True, fastmath=_FASTMATH)
-def _backward_reduce_simple(pad, grad_cols, write_cols, cols, image, index, frac, span, stride,
-                            geo, dest, lay, item, rows, wb, sums):  # fmt: skip
-    """``_backward_reduce`` when every offset group is one run of channels (the common case).
-    Unlike the blend, the width stays a variable here: the sums run under ``fastmath``, and with
-    constant widths the order LLVM gave them differed between a fresh compilation and numba's
-    cache, so a resumed training run drifted from an uninterrupted one (the test
-    ``test_a_run_is_the_same_whether_numba_compiles_or_loads_its_cache``)."""
+@njit(nogil=True, cache=True, fastmath=_FASTMATH, inline="always")
+def _reduce_rows(pad, grad_cols, write_cols, cols, image, index, frac, span, stride, geo, dest,
+                 lay, item, rows, wb, sums, cpg):  # fmt: skip
+    """The loops of ``_backward_reduce_simple``, ``cpg`` channels a group: a constant 16 or 32
+    (the vector intrinsics), or -1 for a variable width (numba's loop)."""
     channels, groups, kw = geo[_C], geo[_G], geo[_KW]
-    cpg = channels // groups
+    width = channels // groups
     taps = geo[_KH] * kw
     s_row, s_wl, s_i, s_j = lay[0], lay[1], lay[2], lay[3]
     row = (geo[_W] + 2) * channels
@@ -632,10 +753,16 @@ def _backward_reduce_simple(pad, grad_cols, write_cols, cols, image, index, frac
                 s = np.uint64(k * count + q)  # unsigned, as in _blend_rows
                 for g in range(groups):
                     ly, lx, m = frac[uspan * s], frac[uspan * s + u1], frac[uspan * s + u2]
-                    acc_y, acc_x, acc_m = _reduce4(
-                        grad_cols, at + i * s_i + j * s_j + dest[g], pad,
-                        image + index[s] + g * cpg, channels, row, ly, lx, one - ly, write_cols,
-                        cols, m, cpg)  # fmt: skip
+                    o = at + i * s_i + j * s_j + dest[g]
+                    a = image + index[s] + g * width
+                    if cpg < 0:
+                        acc_y, acc_x, acc_m = _reduce4(grad_cols, o, pad, a, channels, row, ly,
+                                                       lx, one - ly, write_cols, cols, m,
+                                                       width)  # fmt: skip
+                    else:
+                        acc_y, acc_x, acc_m = _reduce4_vector(grad_cols, o, pad, a, channels, row,
+                                                              ly, lx, one - ly, write_cols, cols,
+                                                              m, cpg)  # fmt: skip
                     sums[s] = acc_y * m
                     sums[s + ustride] = acc_x * m
                     sums[s + u2 * ustride] = acc_m
@@ -645,6 +772,28 @@ def _backward_reduce_simple(pad, grad_cols, write_cols, cols, image, index, frac
                     i += 1
                     j = 0
             q += 1
+
+
+@njit(nogil=True, cache=True, fastmath=_FASTMATH)
+def _backward_reduce_simple(pad, grad_cols, write_cols, cols, image, index, frac, span, stride,
+                            geo, dest, lay, item, rows, wb, sums):  # fmt: skip
+    """``_backward_reduce`` when every offset group is one run of channels (the common case).
+    Widths 16 and 32 run as vector intrinsics whose sums have their order written in their IR,
+    each in a loop nest of its own (one nest holding every width's code ran 20 % slower than
+    numba's loop; with 64 channels the intrinsics were no faster). Other widths keep that loop, its width a variable: its sums run under
+    ``fastmath``, and with constant widths the order LLVM gave them differed between a fresh
+    compilation and numba's cache, so a resumed training run drifted from an uninterrupted one
+    (the test ``test_a_run_is_the_same_whether_numba_compiles_or_loads_its_cache``)."""
+    cpg = geo[_C] // geo[_G]
+    if cpg == 32:
+        _reduce_rows(pad, grad_cols, write_cols, cols, image, index, frac, span, stride, geo,
+                     dest, lay, item, rows, wb, sums, 32)
+    elif cpg == 16:
+        _reduce_rows(pad, grad_cols, write_cols, cols, image, index, frac, span, stride, geo,
+                     dest, lay, item, rows, wb, sums, 16)
+    else:
+        _reduce_rows(pad, grad_cols, write_cols, cols, image, index, frac, span, stride, geo,
+                     dest, lay, item, rows, wb, sums, -1)
 
 
 @njit(nogil=True, cache=True, fastmath=_FASTMATH)
@@ -775,12 +924,13 @@ def _backward_taps(pad, off, msk, has_mask, geo, runs, tile, lay, grad_cols, wri
 
 
 @njit(nogil=True, cache=True, fastmath=_FASTMATH, inline="always")
-def _scatter_taps(grad_pad, grad_cols, geo, runs, dest, lay, item, rows, wb, index, frac, image,
-                  first_row, lo, hi):  # fmt: skip
+def _scatter_rows(grad_pad, grad_cols, geo, runs, dest, lay, item, rows, wb, index, frac, image,
+                  first_row, lo, hi, width):  # fmt: skip
     """The input gradient's share of one located block (``_locate_block`` with weights): each
     tap's dL/dsample times its bilinear weights, added to the padded rows ``lo:hi`` (numbered
     as in ``_backward_input``, the block's image's row 0 being ``first_row``), in the order
-    (position, tap, group)."""
+    (position, tap, group). ``width``: the channels of every run, a constant 16 or 32 (their
+    vector intrinsics), or -1 for runs of any width (numba's loops)."""
     channels, groups, kw = geo[_C], geo[_G], geo[_KW]
     taps = geo[_KH] * kw
     s_row, s_wl, s_i, s_j = lay[0], lay[1], lay[2], lay[3]
@@ -805,6 +955,14 @@ def _scatter_taps(grad_pad, grad_cols, geo, runs, dest, lay, item, rows, wb, ind
                             a = corner + runs[_RUNS + 3 * r_]
                             src = base + dest[r_]
                             n_c = runs[_RUNS + 3 * r_ + 1]
+                            if width > 0:
+                                if top >= lo:
+                                    _axpy2_vector(grad_pad, a, channels, w00, w01, grad_cols, src,
+                                                  width)  # fmt: skip
+                                if top + 1 < hi:
+                                    _axpy2_vector(grad_pad, a + row, channels, w10, w11, grad_cols,
+                                                  src, width)  # fmt: skip
+                                continue
                             if top >= lo:
                                 _axpy2_width(grad_pad, a, channels, w00, w01, grad_cols, src,
                                              n_c)  # fmt: skip
@@ -817,6 +975,24 @@ def _scatter_taps(grad_pad, grad_cols, geo, runs, dest, lay, item, rows, wb, ind
                     i += 1
                     j = 0
             q += 1
+
+
+@njit(nogil=True, cache=True, fastmath=_FASTMATH)
+def _scatter_taps(grad_pad, grad_cols, geo, runs, dest, lay, item, rows, wb, index, frac, image,
+                  first_row, lo, hi):  # fmt: skip
+    """``_scatter_rows``, in a loop nest of its own for each vector width (where every offset
+    group is one run of 16 or 32 channels) and one for the rest."""
+    groups = geo[_G]
+    cpg = geo[_C] // groups
+    if runs.size - _RUNS == 3 * groups and cpg == 32:
+        _scatter_rows(grad_pad, grad_cols, geo, runs, dest, lay, item, rows, wb, index, frac,
+                      image, first_row, lo, hi, 32)  # fmt: skip
+    elif runs.size - _RUNS == 3 * groups and cpg == 16:
+        _scatter_rows(grad_pad, grad_cols, geo, runs, dest, lay, item, rows, wb, index, frac,
+                      image, first_row, lo, hi, 16)  # fmt: skip
+    else:
+        _scatter_rows(grad_pad, grad_cols, geo, runs, dest, lay, item, rows, wb, index, frac,
+                      image, first_row, lo, hi, -1)  # fmt: skip
 
 
 @njit(nogil=True, cache=True, fastmath=_FASTMATH)
@@ -1164,8 +1340,7 @@ def _transpose_block(typingctx, dst, d, d_stride, src, s, s_stride):
             runs = [(b, t) for b in range(0, lanes, 2 * w) for t in range(2 * w)]
             low = [b + t if t < w else lanes + b + t - w for b, t in runs]
             high = [b + w + t if t < w else lanes + b + t for b, t in runs]
-            masks = [llvm_ir.Constant(llvm_ir.VectorType(llvm_ir.IntType(32), lanes), m)
-                     for m in (low, high)]  # fmt: skip
+            masks = [_shuffle_mask(low), _shuffle_mask(high)]
             for r in range(lanes):
                 if r & w == 0:
                     a, b = rows[r], rows[r + w]
