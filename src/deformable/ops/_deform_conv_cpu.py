@@ -378,12 +378,15 @@ def _axpy2_width(dst, d, step, w0, w1, src, s, count):
 
 
 @njit(nogil=True, cache=True, fastmath=_FASTMATH, inline="always")
-def _axpy2_vector(dst, d, step, w0, w1, src, s, width):
-    """``_axpy2`` of a constant ``width`` of 16 or 32 channels, by its intrinsic."""
+def _axpy2_of(dst, d, step, w0, w1, src, s, count, width):
+    """``_axpy2`` of ``count`` channels: by the intrinsic of a constant ``width`` of 16 or 32
+    (then equal to ``count``), or with ``width`` -1 by numba's loops (``_axpy2_width``)."""
     if width == 32:
         _axpy2_32(dst, d, step, w0, w1, src, s)
-    else:
+    elif width == 16:
         _axpy2_16(dst, d, step, w0, w1, src, s)
+    else:
+        _axpy2_width(dst, d, step, w0, w1, src, s, count)
 
 
 @njit(nogil=True, cache=True, fastmath=_FASTMATH, inline="always")
@@ -959,20 +962,12 @@ def _scatter_rows(grad_pad, grad_cols, geo, runs, dest, lay, item, rows, wb, ind
                             a = corner + runs[_RUNS + 3 * r_]
                             src = base + dest[r_]
                             n_c = runs[_RUNS + 3 * r_ + 1]
-                            if width > 0:
-                                if top >= lo:
-                                    _axpy2_vector(grad_pad, a, channels, w00, w01, grad_cols, src,
-                                                  width)  # fmt: skip
-                                if top + 1 < hi:
-                                    _axpy2_vector(grad_pad, a + row, channels, w10, w11, grad_cols,
-                                                  src, width)  # fmt: skip
-                                continue
                             if top >= lo:
-                                _axpy2_width(grad_pad, a, channels, w00, w01, grad_cols, src,
-                                             n_c)  # fmt: skip
+                                _axpy2_of(grad_pad, a, channels, w00, w01, grad_cols, src, n_c,
+                                          width)  # fmt: skip
                             if top + 1 < hi:
-                                _axpy2_width(grad_pad, a + row, channels, w10, w11, grad_cols,
-                                             src, n_c)  # fmt: skip
+                                _axpy2_of(grad_pad, a + row, channels, w10, w11, grad_cols, src,
+                                          n_c, width)  # fmt: skip
                     s += taps * count
                 j += 1
                 if j == kw:
