@@ -345,12 +345,12 @@ def _axpy2(dst, d, step, w0, w1, src, s, count):
         dst[d1 + c] += w1 * v
 
 
-# The sampling and scatter loops are called through these dispatchers: the common widths as
-# constants, which LLVM turns into whole vectors with no loop and no scalar tail (a generic loop
-# of 32 channels ran in its 8-wide remainder; 13 % of the forward's sampling time on 32
-# channels). Where every offset group is one run of channels, the blend's width is rather fixed
-# for a whole loop nest (``_blend_rows``): a test per call cost a tenth of its time. The
-# backward's reduction keeps a variable width (see ``_backward_reduce_simple``).
+# The sampling and scatter loops are called through these dispatchers: the common widths by
+# their vector intrinsics (above), the rest by numba's loops (a generic loop of 32 channels ran
+# in its 8-wide remainder; 13 % of the forward's sampling time on 32 channels). Where every
+# offset group is one run of channels, the width is rather fixed for a whole loop nest
+# (``_blend_rows``, ``_reduce_rows``, ``_scatter_rows``): a test per call cost a tenth of its
+# time, and one nest holding every width's code ran slower than the loops.
 
 
 @njit(nogil=True, cache=True, fastmath=_FASTMATH, inline="always")
