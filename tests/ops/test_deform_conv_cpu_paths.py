@@ -187,6 +187,45 @@ def test_sample_gradients_on_onednn(monkeypatch, config):
         assert_close(onednn_grads[name], expected_grads[name], what=f"grad of {name}")
 
 
+def test_backward_tiles_stay_within_onednn_exact_reduction(monkeypatch):
+    """The weight gradient sums over a tile's positions: the backward's tiles hold at most
+    ONEDNN_MAX_REDUCTION positions (so it stays on oneDNN's matmul) whatever the byte budget,
+    and the gradients are the uncapped run's and the reference's."""
+    args = make(dtype=torch.float32, batch=3, height=12, width=11, **{
+        k: v for k, v in CONFIGS["wide_channels"].items() if k not in ("height", "width")})
+    expected, expected_grads, grad_out = grads_of(reference.deform_conv2d, args)
+    uncapped, uncapped_grads, _ = grads_of(deform_conv2d, args, grad_out)
+    seen = []
+    problem = _deform_conv_cpu._Problem
+
+    class Spy(problem):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            seen.append(max(t[3] * t[4] * t[5] for t in self.tiles))
+
+    monkeypatch.setattr(_deform_conv_cpu, "_Problem", Spy)
+    monkeypatch.setattr(_deform_conv_cpu, "ONEDNN_MAX_REDUCTION", 50)
+    out, grads, _ = grads_of(deform_conv2d, args, grad_out)
+    assert seen[0] > 50 and seen[1] <= 50  # the forward's tiles are not capped, the backward's are
+    assert_close(out, expected)
+    for name in expected_grads:
+        assert_close(grads[name], uncapped_grads[name], what=f"grad of {name}")
+        assert_close(grads[name], expected_grads[name], what=f"grad of {name}")
+
+
+def test_tile_budget_follows_the_last_level_cache(monkeypatch):
+    """Tile budgets are an eighth of the last-level cache, within their bounds; the smallest
+    where the system does not give the cache's size."""
+    mib = 2**20
+    for cache, expected in [(None, 4 * mib), (16 * mib, 4 * mib), (64 * mib, 8 * mib),
+                            (480 * mib, 16 * mib)]:  # fmt: skip
+        monkeypatch.setattr(_deform_conv_cpu, "_last_level_cache", lambda cache=cache: cache)
+        assert _deform_conv_cpu._tile_bytes(4 * mib) == expected
+    monkeypatch.undo()
+    size = _deform_conv_cpu._last_level_cache()
+    assert size is None or size >= 2**16  # read from the system: at least 64 KiB where given
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_channels_last_in_channels_last_out(path, dtype):
     """A channels-last input gives a channels-last output and input gradient (as F.conv2d), with

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import threading
 
 import llvmlite.ir as llvm_ir
@@ -55,14 +56,45 @@ from deformable.ops._parallel import num_chunks, run_chunked
 
 #: Upper bound of one tile of samples, in bytes. The backward holds two (cols and dL/dcols).
 TILE_BYTES = 32 * 2**20
+
+
+def _last_level_cache() -> int | None:
+    """Bytes of the CPU's largest cache (its last level, as Linux lists it for CPU 0), or None
+    where the system does not say."""
+    sizes = {}
+    try:
+        for entry in os.scandir("/sys/devices/system/cpu/cpu0/cache"):
+            if entry.name.startswith("index"):
+                with open(os.path.join(entry.path, "level")) as f:
+                    level = int(f.read())
+                with open(os.path.join(entry.path, "size")) as f:
+                    text = f.read().strip()
+                units = {"K": 2**10, "M": 2**20, "G": 2**30}
+                sizes[level] = int(text.rstrip("KMG")) * units.get(text[-1:], 1)
+    except (OSError, ValueError):
+        return None
+    return sizes[max(sizes)] if sizes else None
+
+
+def _tile_bytes(smallest: int, largest: int = 16 * 2**20) -> int:
+    """A tile budget an eighth of the last-level cache, within [smallest, largest]: the tile's
+    samples, the input, the outputs and the other cores' work share that cache."""
+    cache = _last_level_cache()
+    return smallest if cache is None else min(largest, max(smallest, cache // 8))
+
+
 #: The forward's tiles stay near this size (within ``TILE_BYTES``), so the samples are still in
-#: cache when the GEMM reads them: measured 20 % faster with few channels and a large batch.
-#: They grow to 8x the weight's bytes, so the GEMM's weight reorder is paid on enough work
-#: (4 MiB tiles of a 256-channel layer were 10 % slower).
-FORWARD_TILE_BYTES = 4 * 2**20
+#: cache when the GEMM reads them, and grow with the cache: fewer tiles cost less per call (the
+#: GEMM's call, the threads' start and join, the Python around them). Measured, 64x32x20x20 3x3
+#: and the demo's 10x10 layers, forward: 4 MiB 20 % faster than larger tiles on a 2-core AMD
+#: EPYC; 16 MiB 20-27 % faster than 4 MiB on a 2-core Intel Xeon with a 480 MiB L3 (32 MiB:
+#: no faster). They grow to 8x the weight's bytes, so the GEMM's weight reorder is paid on
+#: enough work (4 MiB tiles of a 256-channel layer were 10 % slower).
+FORWARD_TILE_BYTES = _tile_bytes(4 * 2**20)
 #: The backward's tiles (within ``TILE_BYTES``): dL/dcols and the samples each take a
-#: tile-sized buffer kept between calls; 8 MiB tiles were as fast as 32.
-BACKWARD_TILE_BYTES = 8 * 2**20
+#: tile-sized buffer kept between calls. Measured: 8 MiB as fast as 32 on the EPYC; 16 MiB
+#: 2-8 % faster than 8 on the Xeon (forward and backward, 5x5 and few-channel shapes).
+BACKWARD_TILE_BYTES = _tile_bytes(8 * 2**20)
 #: Tiles of at least this many images run the backward's two passes as one (``_backward_fused``,
 #: split between threads by images). Measured: the backward 8-11 % faster on 64x32x20x20 3x3
 #: (16 images a tile), 3-7 % on the 64-image 10x10 maps.
@@ -1450,9 +1482,12 @@ def _padded(input: torch.Tensor, geo) -> torch.Tensor:
 
 
 class _Problem:
-    """Shapes and flat numpy views shared by the forward and backward of one call."""
+    """Shapes and flat numpy views shared by the forward and backward of one call; its tiles
+    hold at most ``budget`` bytes of samples (within ``TILE_BYTES``) and ``max_positions``
+    positions."""
 
-    def __init__(self, input, offset, weight, stride, padding, dilation, mask, budget=None):
+    def __init__(self, input, offset, weight, stride, padding, dilation, mask, budget=None,
+                 max_positions=None):  # fmt: skip
         batch, channels, height, width = input.shape
         self.out_channels, self.cw, self.kh, self.kw = weight.shape
         self.out_h, self.out_w = offset.shape[-2:]
@@ -1472,8 +1507,10 @@ class _Problem:
         msk = mask.detach().contiguous().numpy().reshape(-1) if mask is not None else off
         self.sources = (self.pad.numpy().reshape(-1), off, msk, mask is not None)
         budget = TILE_BYTES if budget is None else min(budget, TILE_BYTES)
-        self.tiles = list(_tiles(batch, self.out_h, self.out_w,
-                                 self.taps * channels * input.element_size(), budget))  # fmt: skip
+        bytes_per_position = self.taps * channels * input.element_size()
+        if max_positions is not None:
+            budget = min(budget, max_positions * bytes_per_position)
+        self.tiles = list(_tiles(batch, self.out_h, self.out_w, bytes_per_position, budget))
 
     def sample(self, tile, shape, layout):
         """Samples of one tile into a reused buffer of ``shape``, laid out as ``layout``."""
@@ -1704,7 +1741,11 @@ def backward(grad_out, input, offset, weight, stride, padding, dilation, mask, n
     """Gradients (input, offset, weight, mask) for the flags in ``need``; None where not needed."""
     need_input, need_offset, need_weight, need_mask = need
     need_taps = need_input or need_offset or need_mask
-    p = _Problem(input, offset, weight, stride, padding, dilation, mask, BACKWARD_TILE_BYTES)
+    # dL/dW sums over a tile's positions: tiles no longer than oneDNN runs exactly (past it,
+    # ``_gemm``, several times slower; 8-channel layers reached it within the budget)
+    longest = ONEDNN_MAX_REDUCTION if need_weight and _onednn(input, 1) else None
+    p = _Problem(input, offset, weight, stride, padding, dilation, mask, BACKWARD_TILE_BYTES,
+                 longest)  # fmt: skip
     wg, cog = p.weight_groups, p.out_channels // p.weight_groups
     w_mat = p.weight_matrix(weight)
     grad_w_mat = torch.zeros_like(w_mat) if need_weight else None
