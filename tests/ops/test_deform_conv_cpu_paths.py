@@ -187,6 +187,26 @@ def test_sample_gradients_on_onednn(monkeypatch, config):
         assert_close(onednn_grads[name], expected_grads[name], what=f"grad of {name}")
 
 
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("config", ["wide_channels", "groups_cross"])
+def test_weight_gradient_from_transposed_samples(monkeypatch, config, fused):
+    """The backward's kernels write the weight gradient's samples transposed ([K, P], block by
+    block) up to TRANSPOSED_SAMPLES_MAX_K, else as dL/dcols ([P, K]): in the fused pass and in
+    the two-pass backward, both held to the reference and to each other."""
+    monkeypatch.setattr(_deform_conv_cpu, "FUSED_BACKWARD_IMAGES", 1 if fused else 10**9)
+    args = make(dtype=torch.float32, **CONFIGS[config])
+    out, grads, grad_out = grads_of(deform_conv2d, args)
+    expected, expected_grads, _ = grads_of(reference.deform_conv2d, args, grad_out)
+    monkeypatch.setattr(_deform_conv_cpu, "TRANSPOSED_SAMPLES_MAX_K", 0)
+    _, untransposed, _ = grads_of(deform_conv2d, args, grad_out)
+    for name in expected_grads:
+        assert_close(grads[name], expected_grads[name], what=f"grad of {name}")
+        assert_close(untransposed[name], expected_grads[name], what=f"grad of {name}")
+        if name != "weight":  # only the weight gradient's GEMM differs
+            assert torch.equal(grads[name], untransposed[name]), name
+    assert_close(grads["weight"], untransposed["weight"])
+
+
 def test_backward_tiles_stay_within_onednn_exact_reduction(monkeypatch):
     """The weight gradient sums over a tile's positions: the backward's tiles hold at most
     ONEDNN_MAX_REDUCTION positions (so it stays on oneDNN's matmul) whatever the byte budget,

@@ -312,10 +312,11 @@ def _vector_reduce4(width):
     three sums over channels each added up in a fixed order (``_Vectors.sum``)."""
 
     @intrinsic
-    def reduce4(typingctx, grad_cols, src, pad, a00, col, row, ly, lx, hy, write_cols, cols, m):
+    def reduce4(typingctx, grad_cols, src, pad, a00, col, row, ly, lx, hy, write_cols, cols, shift,
+                m):  # fmt: skip
         dtype = grad_cols.dtype
         signature = types.UniTuple(dtype, 3)(grad_cols, src, pad, a00, col, row, ly, lx, hy,
-                                             write_cols, cols, m)  # fmt: skip
+                                             write_cols, cols, shift, m)  # fmt: skip
 
         def codegen(context, builder, signature, args):
             v = _Vectors(context, builder, signature, args, width)
@@ -335,7 +336,7 @@ def _vector_reduce4(width):
             value = v.fma(ly, dy, top)
             write = context.cast(builder, args[9], signature.args[9], types.boolean)
             with builder.if_then(write):
-                v.store(builder.fmul(v.splat(11), value), v.data(10), src)
+                v.store(builder.fmul(v.splat(12), value), v.data(10), builder.sub(src, v.int(11)))
             dx = v.fma(ly, dx_bottom, builder.fmul(hy, dx_top))
             sums = [v.sum(builder.fmul(ge, term)) for term in (dy, dx, value)]
             return context.make_tuple(builder, signature.return_type, sums)
@@ -422,14 +423,15 @@ def _axpy2_of(dst, d, step, w0, w1, src, s, count, width):
 
 
 @njit(nogil=True, cache=True, fastmath=_FASTMATH, inline="always")
-def _reduce4(grad_cols, src, pad, a00, col, row, ly, lx, hy, write_cols, cols, m, count):
+def _reduce4(grad_cols, src, pad, a00, col, row, ly, lx, hy, write_cols, cols, shift, m, count):
     """Per channel c of one tap: dL/dy, dL/dx (before the mask) and dL/dmask summed over the
-    ``count`` channels, from the four corners at a00 (``pad``) and dL/dsample (``grad_cols``);
-    with ``write_cols`` the samples too."""
+    ``count`` channels, from the four corners at a00 (``pad``) and dL/dsample (``grad_cols``
+    from ``src``); with ``write_cols`` the samples too, into ``cols`` from ``src - shift``."""
     zero = grad_cols.dtype.type(0.0)
     acc_y = zero
     acc_x = zero
     acc_m = zero
+    dst = np.uint64(src - shift)
     src = np.uint64(src)
     a00 = np.uint64(a00)
     a01 = a00 + np.uint64(col)
@@ -445,7 +447,7 @@ def _reduce4(grad_cols, src, pad, a00, col, row, ly, lx, hy, write_cols, cols, m
             top = va + lx * (vb - va)
             bottom = vc + lx * (vd - vc)
             value = top + ly * (bottom - top)
-            cols[src + c] = m * value
+            cols[dst + c] = m * value
             acc_m += ge * value
             acc_y += ge * (bottom - top)
             acc_x += ge * (hy * (vb - va) + ly * (vd - vc))
@@ -465,11 +467,12 @@ def _reduce4(grad_cols, src, pad, a00, col, row, ly, lx, hy, write_cols, cols, m
 
 
 @njit(nogil=True, cache=True, fastmath=_FASTMATH, inline="always")
-def _reduce4_vector(grad_cols, src, pad, a00, col, row, ly, lx, hy, write_cols, cols, m, width):
+def _reduce4_vector(grad_cols, src, pad, a00, col, row, ly, lx, hy, write_cols, cols, shift, m,
+                    width):  # fmt: skip
     """``_reduce4`` of a constant ``width`` of 16 or 32 channels, by its intrinsic."""
     if width == 32:
-        return _reduce32(grad_cols, src, pad, a00, col, row, ly, lx, hy, write_cols, cols, m)
-    return _reduce16(grad_cols, src, pad, a00, col, row, ly, lx, hy, write_cols, cols, m)
+        return _reduce32(grad_cols, src, pad, a00, col, row, ly, lx, hy, write_cols, cols, shift, m)
+    return _reduce16(grad_cols, src, pad, a00, col, row, ly, lx, hy, write_cols, cols, shift, m)
 
 
 #: Output positions whose taps are located in one go (whole tile rows of one image, or one).
@@ -768,8 +771,8 @@ def _sample(pad, off, msk, has_mask, geo, runs, tile, lay, out, chunk, chunks):
 
 
 @njit(nogil=True, cache=True, fastmath=_FASTMATH, inline="always")
-def _reduce_rows(pad, grad_cols, write_cols, cols, image, index, frac, span, stride, geo, dest,
-                 lay, item, rows, wb, sums, cpg):  # fmt: skip
+def _reduce_rows(pad, grad_cols, write_cols, cols, shift, image, index, frac, span, stride, geo,
+                 dest, lay, item, rows, wb, sums, cpg):  # fmt: skip
     """The loops of ``_backward_reduce_simple``, ``cpg`` channels a group: a constant 16 or 32
     (the vector intrinsics), or -1 for a variable width (numba's loop)."""
     channels, groups, kw = geo[_C], geo[_G], geo[_KW]
@@ -796,12 +799,12 @@ def _reduce_rows(pad, grad_cols, write_cols, cols, image, index, frac, span, str
                     a = image + index[s] + g * width
                     if cpg < 0:
                         acc_y, acc_x, acc_m = _reduce4(grad_cols, o, pad, a, channels, row, ly,
-                                                       lx, one - ly, write_cols, cols, m,
+                                                       lx, one - ly, write_cols, cols, shift, m,
                                                        width)  # fmt: skip
                     else:
                         acc_y, acc_x, acc_m = _reduce4_vector(grad_cols, o, pad, a, channels, row,
                                                               ly, lx, one - ly, write_cols, cols,
-                                                              m, cpg)  # fmt: skip
+                                                              shift, m, cpg)  # fmt: skip
                     sums[s] = acc_y * m
                     sums[s + ustride] = acc_x * m
                     sums[s + u2 * ustride] = acc_m
@@ -814,8 +817,8 @@ def _reduce_rows(pad, grad_cols, write_cols, cols, image, index, frac, span, str
 
 
 @njit(nogil=True, cache=True, fastmath=_FASTMATH)
-def _backward_reduce_simple(pad, grad_cols, write_cols, cols, image, index, frac, span, stride,
-                            geo, dest, lay, item, rows, wb, sums):  # fmt: skip
+def _backward_reduce_simple(pad, grad_cols, write_cols, cols, shift, image, index, frac, span,
+                            stride, geo, dest, lay, item, rows, wb, sums):  # fmt: skip
     """``_backward_reduce`` when every offset group is one run of channels (the common case).
     Widths 16 and 32 run as vector intrinsics whose sums have their order written in their IR,
     each in a loop nest of its own (one nest holding every width's code ran 20 % slower than
@@ -825,19 +828,19 @@ def _backward_reduce_simple(pad, grad_cols, write_cols, cols, image, index, frac
     (the test ``test_a_run_is_the_same_whether_numba_compiles_or_loads_its_cache``)."""
     cpg = geo[_C] // geo[_G]
     if cpg == 32:
-        _reduce_rows(pad, grad_cols, write_cols, cols, image, index, frac, span, stride, geo,
-                     dest, lay, item, rows, wb, sums, 32)
+        _reduce_rows(pad, grad_cols, write_cols, cols, shift, image, index, frac, span, stride,
+                     geo, dest, lay, item, rows, wb, sums, 32)
     elif cpg == 16:
-        _reduce_rows(pad, grad_cols, write_cols, cols, image, index, frac, span, stride, geo,
-                     dest, lay, item, rows, wb, sums, 16)
+        _reduce_rows(pad, grad_cols, write_cols, cols, shift, image, index, frac, span, stride,
+                     geo, dest, lay, item, rows, wb, sums, 16)
     else:
-        _reduce_rows(pad, grad_cols, write_cols, cols, image, index, frac, span, stride, geo,
-                     dest, lay, item, rows, wb, sums, -1)
+        _reduce_rows(pad, grad_cols, write_cols, cols, shift, image, index, frac, span, stride,
+                     geo, dest, lay, item, rows, wb, sums, -1)
 
 
 @njit(nogil=True, cache=True, fastmath=_FASTMATH)
-def _backward_reduce(pad, grad_cols, write_cols, cols, image, index, frac, span, stride, geo, runs,
-                     dest, lay, item, rows, wb, sums):  # fmt: skip
+def _backward_reduce(pad, grad_cols, write_cols, cols, shift, image, index, frac, span, stride, geo,
+                     runs, dest, lay, item, rows, wb, sums):  # fmt: skip
     """The channel work of ``_backward_taps`` for a block: per tap, dL/dy and dL/dx (times the
     mask) and dL/dmask into ``sums[s + p * stride]`` (p = 0, 1, 2), and with ``write_cols`` the
     samples themselves. A function of its own, as ``_blend_block``."""
@@ -868,7 +871,7 @@ def _backward_reduce(pad, grad_cols, write_cols, cols, image, index, frac, span,
                     for r_ in range(runs[g], runs[g + 1]):
                         ry, rx, rm = _reduce4(grad_cols, base + dest[r_], pad,
                                                    corner + runs[_RUNS + 3 * r_], channels, row,
-                                                   ly, lx, hy, write_cols, cols, m,
+                                                   ly, lx, hy, write_cols, cols, shift, m,
                                                    runs[_RUNS + 3 * r_ + 1])  # fmt: skip
                         acc_y += ry
                         acc_x += rx
@@ -884,13 +887,24 @@ def _backward_reduce(pad, grad_cols, write_cols, cols, image, index, frac, span,
             q += 1
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _block_samples(cols, cols_t, write_cols, block_rows, lay):
+    """Where the backward's kernels write a block's samples: ``cols`` (the tile's, in the layout
+    ``lay``), or where they go to ``cols_t`` transposed, a scratch row block of the layout."""
+    if write_cols and cols_t.size > 0:
+        return np.empty(block_rows * lay[0], dtype=cols.dtype)
+    return cols
+
+
 @njit(nogil=True, cache=True, fastmath=_FASTMATH, inline="always")
 def _block_gradients(pad, off, msk, has_mask, geo, runs, tile, lay, grad_cols, write_cols, cols,
-                     grad_off, grad_msk, item, rows, grid, index, frac, sums, dest, simple,
+                     cols_t, grad_off, grad_msk, item, rows, grid, index, frac, sums, dest, simple,
                      weights):  # fmt: skip
     """Phase 1 for one block (``_backward_taps``): locates its taps into ``index`` / ``frac``
     (with ``weights``, the bilinear weights too: ``_taps_backward``), writes its dL/doffset and
-    dL/dmask (and with ``write_cols`` its samples)."""
+    dL/dmask, and with ``write_cols`` its samples: into ``cols`` in the layout ``lay``, or where
+    ``cols_t`` is not empty, into ``cols`` as the block's rows alone, then transposed into
+    ``cols_t`` [K, P] (``_transposed_samples``) while still in cache."""
     out_w, groups, taps = geo[_OW], geo[_G], geo[_KH] * geo[_KW]
     plane = geo[_OH] * out_w
     n0, rb, wb = tile[0], tile[4], tile[5]
@@ -901,12 +915,17 @@ def _block_gradients(pad, off, msk, has_mask, geo, runs, tile, lay, grad_cols, w
     first = _locate_block(off, msk, has_mask, geo, tile, item, rows, grid, index, frac, True,
                           weights)  # fmt: skip
     n = n0 + item // rb
+    transposed = write_cols and cols_t.size > 0
+    shift = item * lay[0] if transposed else 0  # the block's first row of the layout
     if simple:
-        _backward_reduce_simple(pad, grad_cols, write_cols, cols, n * image_size, index, frac, span,
-                                stride, geo, dest, lay, item, rows, wb, sums)  # fmt: skip
+        _backward_reduce_simple(pad, grad_cols, write_cols, cols, shift, n * image_size, index,
+                                frac, span, stride, geo, dest, lay, item, rows, wb,
+                                sums)  # fmt: skip
     else:
-        _backward_reduce(pad, grad_cols, write_cols, cols, n * image_size, index, frac, span,
-                         stride, geo, runs, dest, lay, item, rows, wb, sums)  # fmt: skip
+        _backward_reduce(pad, grad_cols, write_cols, cols, shift, n * image_size, index, frac,
+                         span, stride, geo, runs, dest, lay, item, rows, wb, sums)  # fmt: skip
+    if transposed:
+        _transpose(cols_t, item * wb, tile[3] * rb * wb, cols, 0, lay[1], lay[1], count)
     # the block's offset / mask gradients: one contiguous run per (group, tap)
     for gk in range(groups * taps):
         at = n * groups * taps + gk
@@ -921,7 +940,7 @@ def _block_gradients(pad, off, msk, has_mask, geo, runs, tile, lay, grad_cols, w
 
 @njit(nogil=True, cache=True, fastmath=_FASTMATH)
 def _backward_taps(pad, off, msk, has_mask, geo, runs, tile, lay, grad_cols, write_cols, cols,
-                   grad_off, grad_msk, item_rows, chunk, chunks):  # fmt: skip
+                   grad_off, grad_msk, item_rows, cols_t, chunk, chunks):  # fmt: skip
     """Phase 1 of the backward, over this chunk's blocks of the tile (``_block``).
 
     ``grad_cols`` is dL/d(samples) in the layout ``lay`` of ``_sample`` (channels contiguous).
@@ -930,6 +949,7 @@ def _backward_taps(pad, off, msk, has_mask, geo, runs, tile, lay, grad_cols, wri
     (the layout of ``grad_cols``: the weight gradient's operand, from the corners this pass reads
     anyway); and for each tile row ``item`` the range of the padded rows its taps' top corners
     lie on, in ``item_rows[2 * item : 2 * item + 2]`` (empty, (H + 3, -1), if none samples).
+    Where ``cols_t`` is not empty the samples go there instead, transposed (``_block_gradients``).
     """
     groups, taps = geo[_G], geo[_KH] * geo[_KW]
     rb, wb = tile[4], tile[5]
@@ -942,13 +962,14 @@ def _backward_taps(pad, off, msk, has_mask, geo, runs, tile, lay, grad_cols, wri
     frac = np.empty(4 * stride, dtype=grad_cols.dtype)
     sums = np.empty(3 * stride, dtype=grad_cols.dtype)
     grid = np.empty(2 * block_rows * wb, dtype=np.float64)
+    samples = _block_samples(cols, cols_t, write_cols, block_rows, lay)
     blocks = tile[3] * ((rb + block_rows - 1) // block_rows)
     for b in range(blocks * chunk // chunks, blocks * (chunk + 1) // chunks):
         item, rows = _block(tile, b)
         count = rows * wb
-        _block_gradients(pad, off, msk, has_mask, geo, runs, tile, lay, grad_cols, write_cols, cols,
-                         grad_off, grad_msk, item, rows, grid, index, frac, sums, dest, simple,
-                         False)  # fmt: skip
+        _block_gradients(pad, off, msk, has_mask, geo, runs, tile, lay, grad_cols, write_cols,
+                         samples, cols_t, grad_off, grad_msk, item, rows, grid, index, frac, sums,
+                         dest, simple, False)  # fmt: skip
         for r in range(rows):
             lowest = np.float64(image_rows)
             highest = -1.0
@@ -1071,7 +1092,7 @@ def _backward_input(off, msk, has_mask, geo, runs, tile, lay, grad_cols, item_ro
 
 @njit(nogil=True, cache=True, fastmath=_FASTMATH)
 def _backward_fused(pad, off, msk, has_mask, geo, runs, tile, lay, grad_cols, write_cols, cols,
-                    grad_off, grad_msk, grad_pad, chunk, chunks):  # fmt: skip
+                    grad_off, grad_msk, grad_pad, cols_t, chunk, chunks):  # fmt: skip
     """Both phases of the backward in one pass, over this chunk's images of the tile.
 
     A thread that owns whole images owns their rows of the input gradient too: it can add each
@@ -1095,14 +1116,15 @@ def _backward_fused(pad, off, msk, has_mask, geo, runs, tile, lay, grad_cols, wr
     frac = np.empty(8 * stride, dtype=grad_cols.dtype)
     sums = np.empty(3 * stride, dtype=grad_cols.dtype)
     grid = np.empty(2 * block_rows * wb, dtype=np.float64)
+    samples = _block_samples(cols, cols_t, write_cols, block_rows, lay)
     for nl in range(nb * chunk // chunks, nb * (chunk + 1) // chunks):
         first_row = nl * image_rows
         image = (n0 + nl) * image_rows * row
         for b in range(nl * per_image, (nl + 1) * per_image):
             item, rows = _block(tile, b)
             _block_gradients(pad, off, msk, has_mask, geo, runs, tile, lay, grad_cols, write_cols,
-                             cols, grad_off, grad_msk, item, rows, grid, index, frac, sums, dest,
-                             simple, True)  # fmt: skip
+                             samples, cols_t, grad_off, grad_msk, item, rows, grid, index, frac,
+                             sums, dest, simple, True)  # fmt: skip
             _scatter_taps(grad_pad, grad_cols, geo, runs, dest, lay, item, rows, wb, index, frac,
                           image, first_row, first_row, first_row + image_rows)  # fmt: skip
 
@@ -1216,13 +1238,13 @@ def _sample_task(data):
 
 
 @njit(nogil=True, cache=True)
-def _backward_taps_chunks(d, pad, off, msk, grad_cols, cols, grad_off, grad_msk):
+def _backward_taps_chunks(d, pad, off, msk, grad_cols, cols, grad_off, grad_msk, cols_t):
     geo, runs, tile, lay = _ints(d, 9), _ints(d, 11), _ints(d, 13), _ints(d, 15)
     item_rows = _ints(d, 25)
     chunk = _claim(d[0])
     while chunk < d[1]:
-        _backward_taps(pad, off, msk, d[27] != 0, geo, runs, tile, lay, grad_cols, d[28] != 0,
-                       cols, grad_off, grad_msk, item_rows, chunk, d[1])  # fmt: skip
+        _backward_taps(pad, off, msk, d[29] != 0, geo, runs, tile, lay, grad_cols, d[30] != 0,
+                       cols, grad_off, grad_msk, item_rows, cols_t, chunk, d[1])  # fmt: skip
         chunk = _claim(d[0])
 
 
@@ -1231,11 +1253,11 @@ def _backward_taps_task(data):
     if d[2]:
         _backward_taps_chunks(d, _floats64(d, 3), _floats64(d, 5), _floats64(d, 7),
                               _floats64(d, 17), _floats64(d, 19), _floats64(d, 21),
-                              _floats64(d, 23))  # fmt: skip
+                              _floats64(d, 23), _floats64(d, 27))  # fmt: skip
     else:
         _backward_taps_chunks(d, _floats32(d, 3), _floats32(d, 5), _floats32(d, 7),
                               _floats32(d, 17), _floats32(d, 19), _floats32(d, 21),
-                              _floats32(d, 23))  # fmt: skip
+                              _floats32(d, 23), _floats32(d, 27))  # fmt: skip
 
 
 @njit(nogil=True, cache=True)
@@ -1260,12 +1282,12 @@ def _backward_input_task(data):
 
 
 @njit(nogil=True, cache=True)
-def _backward_fused_chunks(d, pad, off, msk, grad_cols, cols, grad_off, grad_msk, grad_pad):
+def _backward_fused_chunks(d, pad, off, msk, grad_cols, cols, grad_off, grad_msk, grad_pad, cols_t):
     geo, runs, tile, lay = _ints(d, 9), _ints(d, 11), _ints(d, 13), _ints(d, 15)
     chunk = _claim(d[0])
     while chunk < d[1]:
-        _backward_fused(pad, off, msk, d[27] != 0, geo, runs, tile, lay, grad_cols, d[28] != 0,
-                        cols, grad_off, grad_msk, grad_pad, chunk, d[1])  # fmt: skip
+        _backward_fused(pad, off, msk, d[29] != 0, geo, runs, tile, lay, grad_cols, d[30] != 0,
+                        cols, grad_off, grad_msk, grad_pad, cols_t, chunk, d[1])  # fmt: skip
         chunk = _claim(d[0])
 
 
@@ -1274,11 +1296,11 @@ def _backward_fused_task(data):
     if d[2]:
         _backward_fused_chunks(d, _floats64(d, 3), _floats64(d, 5), _floats64(d, 7),
                                _floats64(d, 17), _floats64(d, 19), _floats64(d, 21),
-                               _floats64(d, 23), _floats64(d, 25))  # fmt: skip
+                               _floats64(d, 23), _floats64(d, 25), _floats64(d, 27))  # fmt: skip
     else:
         _backward_fused_chunks(d, _floats32(d, 3), _floats32(d, 5), _floats32(d, 7),
                                _floats32(d, 17), _floats32(d, 19), _floats32(d, 21),
-                               _floats32(d, 23), _floats32(d, 25))  # fmt: skip
+                               _floats32(d, 23), _floats32(d, 25), _floats32(d, 27))  # fmt: skip
 
 
 #: kernel name -> its task, compiled (and cached on disk) the first time it runs on OpenMP
@@ -1714,6 +1736,15 @@ def forward(input, offset, weight, bias, stride, padding, dilation, mask):
 #: up). Beyond it, oneDNN's matmul, exact up to ``ONEDNN_MAX_REDUCTION``.
 BLAS_MAX_REDUCTION = 128
 
+#: Samples a position per weight group (kernel taps x channels) up to which the backward's kernels
+#: write the weight gradient's samples transposed, [K, P], block by block while in cache, for
+#: oneDNN's matmul over contiguous positions. Handed [P, K] (a transposed view) it reorders them
+#: itself: 1.6-2x slower than on [K, P]. The kernels' transposes cost about as much where K is
+#: wider. Measured, forward+backward: 64 channels 3x3 (K = 576) 4-11 % faster; 32 and 16
+#: channels even; 64 channels 5x5 (1600) 1 % faster; 128 channels (1152) 10 % and 256 (2304)
+#: 16 % slower.
+TRANSPOSED_SAMPLES_MAX_K = 576
+
 
 def _grad_samples(g, w_mat, shape):
     """dL/dcols [P, wg, kh*kw*cw] of one tile: ``g`` [P, Cout] times each weight group's matrix.
@@ -1762,24 +1793,30 @@ def backward(grad_out, input, offset, weight, stride, padding, dilation, mask, n
         g_t = g_t.reshape(p.out_channels, positions)
         g = g_t.t()
         shape = (positions, wg, p.taps * p.cw)
+        # the weight gradient's samples: [wg, K, P] for oneDNN where worth it (its positions,
+        # the reduction, contiguous), else the layout of dL/dcols, [P, wg, K]
+        transposed = (need_weight and _onednn(g_t, positions)
+                      and p.taps * p.cw <= TRANSPOSED_SAMPLES_MAX_K)  # fmt: skip
         if need_taps:
             gc = _grad_samples(g, w_mat, shape)
-            cols = _scratch("samples", math.prod(shape), p.dtype).view(shape) if need_weight else gc
+            samples = _scratch("samples", math.prod(shape), p.dtype) if need_weight else None
+            cols = samples.view(shape) if need_weight and not transposed else gc
             tile_np, layout = np.array(tile, dtype=np.int64), p.column_layout(tile)
             gc_np = gc.numpy().reshape(-1)
+            cols_t = samples.numpy() if transposed else gc_np[:0]
             item_rows = np.empty(2 * nb * rb, dtype=np.int64)
             blocks = _block_count(tile)
             if need_input and nb >= FUSED_BACKWARD_IMAGES:
                 _run(_backward_fused, num_chunks(nb, gc.numel()), *p.sources, p.geo, p.runs,
                             tile_np, layout, gc_np, need_weight, cols.numpy().reshape(-1),
                             grad_offset.numpy().reshape(-1), grad_mask.numpy().reshape(-1),
-                            grad_pad.numpy().reshape(-1))  # fmt: skip
+                            grad_pad.numpy().reshape(-1), cols_t)  # fmt: skip
                 need_input_pass = False
             else:
                 _run(_backward_taps, num_chunks(blocks, gc.numel()), *p.sources, p.geo, p.runs,
                             tile_np, layout, gc_np, need_weight, cols.numpy().reshape(-1),
                             grad_offset.numpy().reshape(-1), grad_mask.numpy().reshape(-1),
-                            item_rows)  # fmt: skip
+                            item_rows, cols_t)  # fmt: skip
                 need_input_pass = need_input
             if need_input_pass:
                 _run(_backward_input, num_chunks(nb * (p.geo[_H] + 3), gc.numel()),
@@ -1788,12 +1825,16 @@ def backward(grad_out, input, offset, weight, stride, padding, dilation, mask, n
         elif need_weight:
             cols = p.columns(tile)
         if need_weight:
-            # oneDNN's matmul takes the samples transposed as they are, and ran up to 30 % faster
-            # than BLAS on the demo's layers; exact across thread counts up to its limit
+            # oneDNN's matmul, exact across thread counts up to its limit: on the samples as the
+            # kernels wrote them transposed (handed [P, K] as a transposed view, it reorders them
+            # itself, 1.6-2x slower on the demo's layers), else (no other gradient) as sampled
             onednn = _onednn(g_t, positions)
             for gw in range(wg):
                 rows = g_t[gw * cog : (gw + 1) * cog]  # contiguous
-                if onednn:
+                if transposed and need_taps:
+                    part = samples.view(wg, p.taps * p.cw, positions)[gw]
+                    grad_w_mat[gw] += _onednn_linear(part, rows, None, "none", [], "").t()
+                elif onednn:
                     grad_w_mat[gw] += _onednn_linear(rows, cols[:, gw].t(), None, "none", [], "")
                 else:
                     _gemm(rows, cols[:, gw], grad_w_mat[gw], accumulate=True)
