@@ -233,6 +233,36 @@ def test_backward_tiles_stay_within_onednn_exact_reduction(monkeypatch):
         assert_close(grads[name], expected_grads[name], what=f"grad of {name}")
 
 
+def test_backward_tiles_of_rows_take_their_own_budget(monkeypatch):
+    """An image whose samples exceed BACKWARD_TILE_BYTES is split into tiles of rows within
+    BACKWARD_ROWS_TILE_BYTES (one that fits stays whole); the gradients are the reference's."""
+    args = make(dtype=torch.float64, batch=2, height=12, width=11)
+    expected, expected_grads, grad_out = grads_of(reference.deform_conv2d, args)
+    seen = []
+    problem = _deform_conv_cpu._Problem
+
+    class Spy(problem):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            seen.append(self.tiles)
+
+    monkeypatch.setattr(_deform_conv_cpu, "_Problem", Spy)
+    row_bytes = 2 * args["offset"].shape[-1] * 6 * 6 * 8  # two rows: 3x2 taps, 6 channels, 8 B
+    for budget, rows_budget, whole in [(10**9, 1, True), (3 * row_bytes // 2, row_bytes, False)]:
+        monkeypatch.setattr(_deform_conv_cpu, "BACKWARD_TILE_BYTES", budget)
+        monkeypatch.setattr(_deform_conv_cpu, "BACKWARD_ROWS_TILE_BYTES", rows_budget)
+        seen.clear()
+        out, grads, _ = grads_of(deform_conv2d, args, grad_out)
+        backward_tiles = seen[1]
+        if whole:
+            assert [t[3] for t in backward_tiles] == [2]
+        else:
+            assert {t[3] for t in backward_tiles} == {1} and max(t[4] for t in backward_tiles) == 2
+        assert_close(out, expected)
+        for name in expected_grads:
+            assert_close(grads[name], expected_grads[name], what=f"grad of {name}")
+
+
 def test_tile_budget_follows_the_last_level_cache(monkeypatch):
     """Tile budgets are an eighth of the last-level cache, within their bounds; the smallest
     where the system does not give the cache's size."""
