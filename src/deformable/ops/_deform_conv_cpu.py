@@ -63,15 +63,14 @@ TILE_BYTES = 32 * 2**20
 def _last_level_cache() -> int | None:
     """Bytes of the CPU's largest cache (its last level, as Linux lists it for CPU 0), or None
     where the system does not say."""
-    sizes = {}
+    sizes, units = {}, {"K": 2**10, "M": 2**20, "G": 2**30}
     try:
         for entry in os.scandir("/sys/devices/system/cpu/cpu0/cache"):
             if entry.name.startswith("index"):
                 with open(os.path.join(entry.path, "level")) as f:
                     level = int(f.read())
                 with open(os.path.join(entry.path, "size")) as f:
-                    text = f.read().strip()
-                units = {"K": 2**10, "M": 2**20, "G": 2**30}
+                    text = f.read().strip()  # e.g. "32K", "480M"
                 sizes[level] = int(text.rstrip("KMG")) * units.get(text[-1:], 1)
     except (OSError, ValueError):
         return None
@@ -911,7 +910,7 @@ def _block_gradients(pad, off, msk, has_mask, geo, runs, tile, lay, grad_cols, w
     (with ``weights``, the bilinear weights too: ``_taps_backward``), writes its dL/doffset and
     dL/dmask, and with ``write_cols`` its samples: into ``cols`` in the layout ``lay``, or where
     ``cols_t`` is not empty, into ``cols`` as the block's rows alone, then transposed into
-    ``cols_t`` [K, P] (``_transposed_samples``) while still in cache."""
+    ``cols_t`` [K, P] while still in cache (``TRANSPOSED_SAMPLES_MAX_K``)."""
     out_w, groups, taps = geo[_OW], geo[_G], geo[_KH] * geo[_KW]
     plane = geo[_OH] * out_w
     n0, rb, wb = tile[0], tile[4], tile[5]
@@ -1782,9 +1781,9 @@ def backward(grad_out, input, offset, weight, stride, padding, dilation, mask, n
     # dL/dW sums over a tile's positions: tiles no longer than oneDNN runs exactly (past it,
     # ``_gemm``, several times slower; 8-channel layers reached it within the budget)
     longest = ONEDNN_MAX_REDUCTION if need_weight and _onednn(input, 1) else None
-    image = offset.shape[-2] * offset.shape[-1] * weight.shape[2] * weight.shape[3] * (
-        input.shape[1] * input.element_size())
-    budget = BACKWARD_TILE_BYTES if image <= BACKWARD_TILE_BYTES else BACKWARD_ROWS_TILE_BYTES
+    taps, (out_h, out_w) = weight.shape[2] * weight.shape[3], offset.shape[-2:]
+    image_bytes = out_h * out_w * taps * input.shape[1] * input.element_size()  # an image's samples
+    budget = BACKWARD_TILE_BYTES if image_bytes <= BACKWARD_TILE_BYTES else BACKWARD_ROWS_TILE_BYTES
     p = _Problem(input, offset, weight, stride, padding, dilation, mask, budget, longest)
     wg, cog = p.weight_groups, p.out_channels // p.weight_groups
     w_mat = p.weight_matrix(weight)
@@ -1804,7 +1803,7 @@ def backward(grad_out, input, offset, weight, stride, padding, dilation, mask, n
         shape = (positions, wg, p.taps * p.cw)
         # the weight gradient's samples: [wg, K, P] for oneDNN where worth it (its positions,
         # the reduction, contiguous), else the layout of dL/dcols, [P, wg, K]
-        transposed = (need_weight and _onednn(g_t, positions)
+        transposed = (need_taps and need_weight and _onednn(g_t, positions)
                       and p.taps * p.cw <= TRANSPOSED_SAMPLES_MAX_K)  # fmt: skip
         if need_taps:
             gc = _grad_samples(g, w_mat, shape)
@@ -1834,13 +1833,12 @@ def backward(grad_out, input, offset, weight, stride, padding, dilation, mask, n
         elif need_weight:
             cols = p.columns(tile)
         if need_weight:
-            # oneDNN's matmul, exact across thread counts up to its limit: on the samples as the
-            # kernels wrote them transposed (handed [P, K] as a transposed view, it reorders them
-            # itself, 1.6-2x slower on the demo's layers), else (no other gradient) as sampled
+            # oneDNN's matmul, exact across thread counts up to its limit: on the samples the
+            # kernels wrote transposed, else on a transposed view of them (which it reorders)
             onednn = _onednn(g_t, positions)
             for gw in range(wg):
                 rows = g_t[gw * cog : (gw + 1) * cog]  # contiguous
-                if transposed and need_taps:
+                if transposed:
                     part = samples.view(wg, p.taps * p.cw, positions)[gw]
                     grad_w_mat[gw] += _onednn_linear(part, rows, None, "none", [], "").t()
                 elif onednn:
