@@ -740,6 +740,38 @@ def _blend_block(out, pad, image, index, weight, geo, runs, dest, lay, item, row
 
 
 @njit(nogil=True, cache=True, fastmath=_FASTMATH)
+def _blend_block_channel_major(out, pad, image, index, weight, geo, lay, item, rows, wb, local):
+    """``_blend_block`` for columns in the weight's (channel, tap) order (``s_c`` = taps,
+    ``s_j`` = 1): each position's samples blended channels innermost into ``local`` [taps, C]
+    (contiguous, the vector code of ``_blend_rows``), then transposed into the position's
+    [cw, taps] block of each weight group (``_transpose``). Writing them straight at a stride of
+    the taps cost a scalar store each: measured about twice as slow."""
+    channels, groups, cw = geo[_C], geo[_G], geo[_CW]
+    taps = geo[_KH] * geo[_KW]
+    cpg = channels // groups
+    s_row, s_wl, s_g = lay[0], lay[1], lay[4]
+    col = np.uint64(channels)
+    row = np.uint64((geo[_W] + 2) * channels)
+    count = rows * wb
+    q = 0
+    for r in range(rows):
+        for wl in range(wb):
+            at = (item + r) * s_row + wl * s_wl
+            for k in range(taps):
+                t = np.uint64(k * count + q)
+                for g in range(groups):
+                    w = np.uint64(4) * t
+                    _blend_width(local, k * channels + g * cpg, pad, image + index[t] + g * cpg,
+                                 row, col, weight[w], weight[w + np.uint64(1)],
+                                 weight[w + np.uint64(2)], weight[w + np.uint64(3)],
+                                 cpg)  # fmt: skip
+                    t += np.uint64(taps * count)
+            for gw in range(channels // cw):
+                _transpose(out, at + gw * s_g, taps, local, gw * cw, channels, cw, taps)
+            q += 1
+
+
+@njit(nogil=True, cache=True, fastmath=_FASTMATH)
 def _sample(pad, off, msk, has_mask, geo, runs, tile, lay, out, chunk, chunks):
     """Write mask * bilinear(input, p0 + p_k + offset) for one tile into ``out``.
 
@@ -759,6 +791,8 @@ def _sample(pad, off, msk, has_mask, geo, runs, tile, lay, out, chunk, chunks):
     dest = _run_destinations(runs, lay[4], geo[_CW], lay[5])
     # every offset group one run of channels, written contiguously: the common case
     simple = lay[5] == 1 and runs.size - _RUNS == 3 * groups
+    channel_major = taps > 1 and lay[5] == taps and lay[3] == 1 and lay[2] == geo[_KW]
+    local = np.empty(taps * channels if channel_major else 0, dtype=out.dtype)
     image_size = (geo[_H] + 3) * (geo[_W] + 2) * channels
     block_rows = _block_rows(tile[3], rb, wb)
     located = groups * taps * block_rows * wb  # (group, tap, position) of a block
@@ -770,7 +804,10 @@ def _sample(pad, off, msk, has_mask, geo, runs, tile, lay, out, chunk, chunks):
         item, rows = _block(tile, b)
         _locate_block(off, msk, has_mask, geo, tile, item, rows, grid, index, weight, False, True)
         image = (n0 + item // rb) * image_size
-        if simple:
+        if channel_major:
+            _blend_block_channel_major(out, pad, image, index, weight, geo, lay, item, rows, wb,
+                                       local)  # fmt: skip
+        elif simple:
             _blend_block_simple(out, pad, image, index, weight, geo, dest, lay, item, rows, wb)
         else:
             _blend_block(out, pad, image, index, weight, geo, runs, dest, lay, item, rows, wb)
