@@ -207,7 +207,21 @@ def test_weight_gradient_from_transposed_samples(monkeypatch, config, fused):
     assert_close(grads["weight"], untransposed["weight"])
 
 
-def test_backward_tiles_stay_within_onednn_exact_reduction(monkeypatch):
+@pytest.fixture
+def problem_tiles(monkeypatch):
+    """The tiles of every ``_Problem`` built from here on (forward first, then backward)."""
+    seen = []
+
+    class Spy(_deform_conv_cpu._Problem):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            seen.append(self.tiles)
+
+    monkeypatch.setattr(_deform_conv_cpu, "_Problem", Spy)
+    return seen
+
+
+def test_backward_tiles_stay_within_onednn_exact_reduction(monkeypatch, problem_tiles):
     """The weight gradient sums over a tile's positions: the backward's tiles hold at most
     ONEDNN_MAX_REDUCTION positions (so it stays on oneDNN's matmul) whatever the byte budget,
     and the gradients are the uncapped run's and the reference's."""
@@ -215,17 +229,10 @@ def test_backward_tiles_stay_within_onednn_exact_reduction(monkeypatch):
         k: v for k, v in CONFIGS["wide_channels"].items() if k not in ("height", "width")})
     expected, expected_grads, grad_out = grads_of(reference.deform_conv2d, args)
     uncapped, uncapped_grads, _ = grads_of(deform_conv2d, args, grad_out)
-    seen = []
-    problem = _deform_conv_cpu._Problem
-
-    class Spy(problem):
-        def __init__(self, *a, **kw):
-            super().__init__(*a, **kw)
-            seen.append(max(t[3] * t[4] * t[5] for t in self.tiles))
-
-    monkeypatch.setattr(_deform_conv_cpu, "_Problem", Spy)
     monkeypatch.setattr(_deform_conv_cpu, "ONEDNN_MAX_REDUCTION", 50)
+    problem_tiles.clear()
     out, grads, _ = grads_of(deform_conv2d, args, grad_out)
+    seen = [max(t[3] * t[4] * t[5] for t in tiles) for tiles in problem_tiles]
     assert seen[0] > 50 and seen[1] <= 50  # the forward's tiles are not capped, the backward's are
     assert_close(out, expected)
     for name in expected_grads:
@@ -233,27 +240,18 @@ def test_backward_tiles_stay_within_onednn_exact_reduction(monkeypatch):
         assert_close(grads[name], expected_grads[name], what=f"grad of {name}")
 
 
-def test_backward_tiles_of_rows_take_their_own_budget(monkeypatch):
+def test_backward_tiles_of_rows_take_their_own_budget(monkeypatch, problem_tiles):
     """An image whose samples exceed BACKWARD_TILE_BYTES is split into tiles of rows within
     BACKWARD_ROWS_TILE_BYTES (one that fits stays whole); the gradients are the reference's."""
     args = make(dtype=torch.float64, batch=2, height=12, width=11)
     expected, expected_grads, grad_out = grads_of(reference.deform_conv2d, args)
-    seen = []
-    problem = _deform_conv_cpu._Problem
-
-    class Spy(problem):
-        def __init__(self, *a, **kw):
-            super().__init__(*a, **kw)
-            seen.append(self.tiles)
-
-    monkeypatch.setattr(_deform_conv_cpu, "_Problem", Spy)
     row_bytes = 2 * args["offset"].shape[-1] * 6 * 6 * 8  # two rows: 3x2 taps, 6 channels, 8 B
     for budget, rows_budget, whole in [(10**9, 1, True), (3 * row_bytes // 2, row_bytes, False)]:
         monkeypatch.setattr(_deform_conv_cpu, "BACKWARD_TILE_BYTES", budget)
         monkeypatch.setattr(_deform_conv_cpu, "BACKWARD_ROWS_TILE_BYTES", rows_budget)
-        seen.clear()
+        problem_tiles.clear()
         out, grads, _ = grads_of(deform_conv2d, args, grad_out)
-        backward_tiles = seen[1]
+        backward_tiles = problem_tiles[1]
         if whole:
             assert [t[3] for t in backward_tiles] == [2]
         else:

@@ -60,9 +60,10 @@ from deformable.ops._parallel import num_chunks, run_chunked
 TILE_BYTES = 32 * 2**20
 
 
+@functools.lru_cache(maxsize=None)
 def _last_level_cache() -> int | None:
     """Bytes of the CPU's largest cache (its last level, as Linux lists it for CPU 0), or None
-    where the system does not say."""
+    where the system does not say. Read once."""
     sizes, units = {}, {"K": 2**10, "M": 2**20, "G": 2**30}
     try:
         for entry in os.scandir("/sys/devices/system/cpu/cpu0/cache"):
