@@ -20,6 +20,8 @@ COMMANDS = {
     "bench-roi": ("deformable.commands.bench_roi:main", "speed of deformable RoI pooling against RoIAlign"),
     "bench-deploy": ("deformable.commands.bench_deploy:main",
                      "DCN ResNet-50 inference: PyTorch vs onnxruntime"),
+    "bench-train": ("deformable.commands.bench_train:main",
+                    "the demo's training step: regular CNN vs DCNv1 / DCNv2, two memory formats"),
 }
 
 
