@@ -1,7 +1,8 @@
-"""deform_conv2d's CPU kernel, path by path: every way the forward can multiply (columns in tap or
-channel order, oneDNN's matmul or the kernel's own exact GEMM, ``_gemm``) and every backward
-subset, held to the reference in float32 and float64, by gradcheck, and for bit-identical
-results across thread counts; plus the layouts (channels last in, channels last out).
+"""deform_conv2d's CPU kernel, path by path: every way the forward can multiply (by blocks with
+MKL's GEMM inside the kernels; on tiles with columns in tap or channel order, oneDNN's matmul or
+the kernel's own exact GEMM, ``_gemm``) and every backward subset, held to the reference in
+float32 and float64, by gradcheck, and for bit-identical results across thread counts; plus the
+layouts (channels last in, channels last out).
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from deformable.ops.deform_conv import output_size
 
 TENSORS = ("input", "offset", "weight", "bias", "mask")
 
-#: COLUMN_ORDER of each forward path
-PATHS = {"gemm_tap": "tap", "gemm_channel": "channel"}
+#: (COLUMN_ORDER, FORWARD_GEMM) of each path: tiles of columns in tap or channel order, or blocks
+#: (forward, and backward on batches of at least BACKWARD_SEGMENTS images: 2 in these tests)
+PATHS = {"gemm_tap": ("tap", "tiles"), "gemm_channel": ("channel", "tiles"),
+         "blocks": ("tap", "blocks")}  # fmt: skip
 
 
 def make(batch=2, channels=6, height=9, width=8, out_channels=4, kernel=(3, 2), stride=(2, 1),
@@ -63,9 +66,25 @@ CONFIGS = {
 }
 
 
+@pytest.fixture(autouse=True)
+def tiles_unless_asked(monkeypatch):
+    """The tests of tiles' internals run on tiles, whatever this CPU's default (``path``, and the
+    tests of blocks, ask for blocks)."""
+    monkeypatch.setattr(_deform_conv_cpu, "FORWARD_GEMM", "tiles")
+
+
+def use_blocks(monkeypatch, segments=2):
+    assert _deform_conv_cpu._MKL is not None, "the blocks path needs the MKL torch links (x86)"
+    monkeypatch.setattr(_deform_conv_cpu, "FORWARD_GEMM", "blocks")
+    monkeypatch.setattr(_deform_conv_cpu, "BACKWARD_SEGMENTS", segments)
+
+
 @pytest.fixture(params=PATHS.keys())
 def path(request, monkeypatch):
-    monkeypatch.setattr(_deform_conv_cpu, "COLUMN_ORDER", PATHS[request.param])
+    order, gemm = PATHS[request.param]
+    monkeypatch.setattr(_deform_conv_cpu, "COLUMN_ORDER", order)
+    if gemm == "blocks":
+        use_blocks(monkeypatch)
     return request.param
 
 
@@ -482,3 +501,114 @@ def test_exact_gemm(dtype, m, k, n, accumulate):
                 flat = [_deform_conv_cpu._flat(t) for t in (a, b, split)]
                 _deform_conv_cpu._gemm_rows(*flat, dims, chunk, chunks)
             assert torch.equal(split, out)
+
+
+@pytest.fixture
+def block_runs(monkeypatch):
+    """Counts the calls of the forward and the backward by blocks."""
+    runs = {"forward": 0, "backward": 0}
+    for name, key in (("_forward_by_blocks", "forward"), ("_backward_blocks_run", "backward")):
+        original = getattr(_deform_conv_cpu, name)
+
+        def counted(*args, original=original, key=key):
+            runs[key] += 1
+            return original(*args)
+
+        monkeypatch.setattr(_deform_conv_cpu, name, counted)
+    return runs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("formats", ["nchw", "input_channels_last", "grad_channels_last", "both"])
+@pytest.mark.parametrize("config", ["groups_cross", "kernel_5x5", "width_32_two_groups"])
+def test_blocks_match_reference_in_every_memory_format(monkeypatch, block_runs, config, formats,
+                                                       dtype):  # fmt: skip
+    """Forward and backward by blocks, each GEMM's orientation (NCHW or channels-last output,
+    dL/dout in either format), 3 images in 2 segments of the weight gradient."""
+    use_blocks(monkeypatch)
+    args = make(dtype=dtype, **{**CONFIGS[config], "batch": 3})
+    if formats in ("input_channels_last", "both"):
+        args["input"] = args["input"].contiguous(memory_format=torch.channels_last)
+    out, grads, grad_out = grads_of(reference.deform_conv2d, args)
+    if formats in ("grad_channels_last", "both"):
+        grad_out = grad_out.contiguous(memory_format=torch.channels_last)
+    ours, our_grads, _ = grads_of(deform_conv2d, args, grad_out)
+    assert block_runs == {"forward": 1, "backward": 1}
+    assert ours.is_contiguous(memory_format=torch.channels_last) == (
+        formats in ("input_channels_last", "both"))
+    assert_close(ours, out, what="output")
+    for name, grad in grads.items():
+        assert_close(our_grads[name], grad, what=f"grad of {name}")
+
+
+@pytest.mark.parametrize("wanted", ["input", "offset", "weight", "mask"])
+def test_backward_by_blocks_of_one_input(monkeypatch, block_runs, wanted):
+    use_blocks(monkeypatch)
+    args = make(batch=4, weight_groups=1, offset_groups=1)
+    out, grads, grad_out = grads_of(reference.deform_conv2d, args)
+    leaves = {k: (v.detach().clone().requires_grad_(k == wanted) if k in TENSORS and v is not None
+                  else v) for k, v in args.items()}  # fmt: skip
+    deform_conv2d(**leaves).backward(grad_out)
+    assert_close(leaves[wanted].grad, grads[wanted], what=f"grad of {wanted}")
+    # the weight alone needs no sampling gradients: the tiles' path
+    assert block_runs["backward"] == (0 if wanted == "weight" else 1)
+
+
+def test_blocks_same_bits_on_any_thread_count_with_the_default_segments(monkeypatch, block_runs):
+    use_blocks(monkeypatch, segments=_deform_conv_cpu.FUSED_BACKWARD_IMAGES)
+    args = make(dtype=torch.float32, batch=11, channels=32, height=9, width=10, out_channels=24,
+                kernel=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1), weight_groups=1,
+                offset_groups=1)  # fmt: skip
+    out, grads, grad_out = same_on_any_thread_count(args)
+    assert block_runs["backward"] == 3
+    _, expected, _ = grads_of(reference.deform_conv2d, args, grad_out)
+    assert_close(grads["weight"], expected["weight"], what="grad of weight")
+
+
+def test_blocks_give_the_thread_its_mkl_setting_back():
+    import ctypes
+
+    setting = ctypes.CDLL(_deform_conv_cpu._mkl_library()).mkl_set_num_threads_local_
+    setting.restype = ctypes.c_int
+    args = make(dtype=torch.float32, batch=1, weight_groups=1, offset_groups=1)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # the kernel runs on this thread
+        setting(ctypes.byref(ctypes.c_int(3)))
+        _deform_conv_cpu.FORWARD_GEMM = "blocks"
+        deform_conv2d(**{k: v for k, v in args.items()})
+        assert setting(ctypes.byref(ctypes.c_int(0))) == 3
+    finally:
+        _deform_conv_cpu.FORWARD_GEMM = "tiles"
+        torch.set_num_threads(before)
+
+
+def test_blocks_where_auto_chooses_them(monkeypatch):
+    module = _deform_conv_cpu
+    monkeypatch.setattr(module, "FORWARD_GEMM", "auto")
+    monkeypatch.setattr(module, "_INTEL", True)
+    args = make(dtype=torch.float32, batch=8, channels=32, height=10, width=10, out_channels=32,
+                kernel=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1), weight_groups=1,
+                offset_groups=1)  # fmt: skip
+    p = module._Problem(args["input"], args["offset"], args["weight"], (1, 1), (1, 1), (1, 1),
+                        args["mask"])  # fmt: skip
+    assert module._by_blocks(p, channel_major=False)
+    assert not module._by_blocks(p, channel_major=True)
+    assert module._backward_by_blocks(p, need_taps=True)
+    assert not module._backward_by_blocks(p, need_taps=False)
+    # a block: an image of 100 positions x 9 taps x 32 channels x 4 bytes
+    monkeypatch.setattr(module, "BLOCK_BYTES", 115200 - 1)
+    assert not module._by_blocks(p, channel_major=False)
+    monkeypatch.setattr(module, "BLOCK_BYTES", 115200)
+    assert module._by_blocks(p, channel_major=False)
+    monkeypatch.setattr(module, "BACKWARD_SEGMENTS", 9)  # more segments than images
+    assert not module._backward_by_blocks(p, need_taps=True)
+    monkeypatch.setattr(module, "BACKWARD_SEGMENTS", 8)
+    monkeypatch.setattr(module, "KEPT_BYTES", 8 * 32 * 32 * 9 * 4 - 1)  # the segments' dL/dW
+    assert not module._backward_by_blocks(p, need_taps=True)
+    monkeypatch.setattr(module, "_INTEL", False)
+    assert not module._by_blocks(p, channel_major=False)
+    monkeypatch.setattr(module, "FORWARD_GEMM", "blocks")
+    assert module._by_blocks(p, channel_major=False)
+    monkeypatch.setattr(module, "_MKL", None)  # no MKL in this torch: never
+    assert not module._by_blocks(p, channel_major=False)
