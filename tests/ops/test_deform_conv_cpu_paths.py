@@ -18,7 +18,8 @@ from deformable.ops.deform_conv import output_size
 TENSORS = ("input", "offset", "weight", "bias", "mask")
 
 #: (COLUMN_ORDER, FORWARD_GEMM) of each path: tiles of columns in tap or channel order, or blocks
-#: (forward, and backward on batches of at least BACKWARD_SEGMENTS images: 2 in these tests)
+#: (forward; backward on batches of at least BACKWARD_SEGMENTS images, 3 in these tests, and by
+#: tiles of blocks on batches of 2 up to it: most configs here)
 PATHS = {"gemm_tap": ("tap", "tiles"), "gemm_channel": ("channel", "tiles"),
          "blocks": ("tap", "blocks")}  # fmt: skip
 
@@ -84,7 +85,7 @@ def path(request, monkeypatch):
     order, gemm = PATHS[request.param]
     monkeypatch.setattr(_deform_conv_cpu, "COLUMN_ORDER", order)
     if gemm == "blocks":
-        use_blocks(monkeypatch)
+        use_blocks(monkeypatch, segments=3)
     return request.param
 
 
@@ -506,8 +507,9 @@ def test_exact_gemm(dtype, m, k, n, accumulate):
 @pytest.fixture
 def block_runs(monkeypatch):
     """Counts the calls of the forward and the backward by blocks."""
-    runs = {"forward": 0, "backward": 0}
-    for name, key in (("_forward_by_blocks", "forward"), ("_backward_blocks_run", "backward")):
+    runs = {"forward": 0, "backward": 0, "tiles": 0}
+    for name, key in (("_forward_by_blocks", "forward"), ("_backward_blocks_run", "backward"),
+                      ("_backward_tile_by_blocks", "tiles")):  # fmt: skip
         original = getattr(_deform_conv_cpu, name)
 
         def counted(*args, original=original, key=key):
@@ -533,7 +535,7 @@ def test_blocks_match_reference_in_every_memory_format(monkeypatch, block_runs, 
     if formats in ("grad_channels_last", "both"):
         grad_out = grad_out.contiguous(memory_format=torch.channels_last)
     ours, our_grads, _ = grads_of(deform_conv2d, args, grad_out)
-    assert block_runs == {"forward": 1, "backward": 1}
+    assert block_runs == {"forward": 1, "backward": 1, "tiles": 0}
     assert ours.is_contiguous(memory_format=torch.channels_last) == (
         formats in ("input_channels_last", "both"))
     assert_close(ours, out, what="output")
@@ -612,3 +614,46 @@ def test_blocks_where_auto_chooses_them(monkeypatch):
     assert module._by_blocks(p, channel_major=False)
     monkeypatch.setattr(module, "_MKL", None)  # no MKL in this torch: never
     assert not module._by_blocks(p, channel_major=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("formats", ["nchw", "input_channels_last", "grad_channels_last"])
+@pytest.mark.parametrize("tile_bytes", [None, 3000, 700])
+@pytest.mark.parametrize("config", ["groups_cross", "kernel_5x5"])
+def test_backward_tiles_by_blocks_match_reference(monkeypatch, block_runs, config, tile_bytes,
+                                                  formats, dtype):  # fmt: skip
+    """Batches below BACKWARD_SEGMENTS: each tile's sampling gradients by blocks
+    (``_backward_blocks_taps``), then the rows' pass; one tile, tiles of rows and of columns."""
+    use_blocks(monkeypatch, segments=8)
+    if tile_bytes is not None:
+        monkeypatch.setattr(_deform_conv_cpu, "TILE_BYTES", tile_bytes)
+    args = make(dtype=dtype, **{**CONFIGS[config], "batch": 2})
+    if formats == "input_channels_last":
+        args["input"] = args["input"].contiguous(memory_format=torch.channels_last)
+    out, grads, grad_out = grads_of(reference.deform_conv2d, args)
+    if formats == "grad_channels_last":
+        grad_out = grad_out.contiguous(memory_format=torch.channels_last)
+    _, our_grads, _ = grads_of(deform_conv2d, args, grad_out)
+    assert block_runs["backward"] == 0
+    assert block_runs["tiles"] >= (1 if tile_bytes is None else 3)
+    for name, grad in grads.items():
+        assert_close(our_grads[name], grad, what=f"grad of {name}")
+
+
+def test_backward_tiles_by_blocks_same_bits_on_any_thread_count(monkeypatch, block_runs):
+    use_blocks(monkeypatch, segments=8)
+    args = make(dtype=torch.float32, batch=3, channels=32, height=12, width=10, out_channels=24,
+                kernel=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1), weight_groups=1,
+                offset_groups=1)  # fmt: skip
+    same_on_any_thread_count(args)
+    assert block_runs["tiles"] == 3 and block_runs["backward"] == 0
+
+
+def test_batch_of_one_backward_stays_on_tiles(monkeypatch, block_runs):
+    use_blocks(monkeypatch, segments=8)
+    args = make(dtype=torch.float32, batch=1, weight_groups=1, offset_groups=1)
+    _, grads, grad_out = grads_of(deform_conv2d, args)
+    _, expected, _ = grads_of(reference.deform_conv2d, args, grad_out)
+    assert block_runs == {"forward": 1, "backward": 0, "tiles": 0}
+    for name, grad in expected.items():
+        assert_close(grads[name], grad, what=f"grad of {name}")
