@@ -1319,6 +1319,45 @@ def _aligned(numel, like):
     return raw[skip : skip + numel]
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _dout(g_at, n, first, gw, cog, cout, plane, size, grad_channels_last):
+    """Address of dL/dout of weight group ``gw`` at position ``first`` of image ``n``'s plane,
+    and its leading dimension: [P, Cout] rows (channels last) or the [Cout, P] planes."""
+    if grad_channels_last:
+        return g_at + ((n * plane + first) * cout + gw * cog) * size, cout
+    return g_at + ((n * cout + gw * cog) * plane + first) * size, plane
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _block_sample_gradients(blas, w_at, g_at, gc_at, ldc, n, first, count, geometry,
+                            grad_channels_last):  # fmt: skip
+    """A block's dL/dsamples by GEMM: each weight group's [Cout / wg, K] matrix times dL/dout of
+    the block's ``count`` positions (from ``first`` of image ``n``), into ``gc_at`` (positions
+    ``ldc`` apart). ``blas`` is (gemm, ints, chars, scalars), ``geometry`` (wg, cog, k, cout,
+    plane, element size)."""
+    gemm, ints, chars, scalars = blas
+    wg, cog, k, cout, plane, size = geometry
+    for gw in range(wg):
+        g, ldg = _dout(g_at, n, first, gw, cog, cout, plane, size, grad_channels_last)
+        _blas_gemm(gemm, ints, chars, scalars, 0, 0 if grad_channels_last else 1, k, count, cog,
+                   w_at + gw * cog * k * size, k, g, ldg, False, gc_at + gw * k * size,
+                   ldc)  # fmt: skip
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _block_weight_gradient(blas, cols_at, g_at, dw_at, n, first, count, geometry,
+                           grad_channels_last):  # fmt: skip
+    """A block's share of the weight gradient by GEMM: dL/dout of its positions times its samples
+    (``cols_at``, [P, wg, K]), added into ``dw_at`` ([wg, Cout / wg, K])."""
+    gemm, ints, chars, scalars = blas
+    wg, cog, k, cout, plane, size = geometry
+    for gw in range(wg):
+        g, ldg = _dout(g_at, n, first, gw, cog, cout, plane, size, grad_channels_last)
+        _blas_gemm(gemm, ints, chars, scalars, 0, 1 if grad_channels_last else 0, k, cog, count,
+                   cols_at + gw * k * size, wg * k, g, ldg, True, dw_at + gw * cog * k * size,
+                   k)  # fmt: skip
+
+
 @njit(nogil=True, cache=True, fastmath=_FASTMATH)
 def _forward_blocks(pad, off, msk, has_mask, geo, runs, tile, lay, w_mat, bias, has_bias, out,
                     channels_last, mkl, chunk, chunks):  # fmt: skip
@@ -1427,6 +1466,8 @@ def _backward_blocks(pad, off, msk, has_mask, geo, runs, tile, lay, w_mat, grad_
     no_cols_t = cols[:0]
     ints, chars, scalars = _blas_arguments(grad_off)
     gemm = mkl[1] if size == 8 else mkl[0]
+    blas = (gemm, ints, chars, scalars)
+    geometry = (wg, cog, k, cout, plane, size)
     _blas_threads(mkl, ints, True)
     g_at, gc_at, cols_at = _address_of(grad_out), _address_of(grad_cols), _address_of(cols)
     w_at = _address_of(w_mat)
@@ -1437,17 +1478,8 @@ def _backward_blocks(pad, off, msk, has_mask, geo, runs, tile, lay, w_mat, grad_
             item, rows = _block(tile, b)
             count = rows * wb
             first = (item - nl * rb) * wb  # the block's first position in its plane
-            for gw in range(wg):
-                w = w_at + gw * cog * k * size
-                gc = gc_at + gw * k * size
-                if grad_channels_last:  # dL/dout [P, Cout] row major
-                    g = g_at + ((nl * plane + first) * cout + gw * cog) * size
-                    _blas_gemm(gemm, ints, chars, scalars, 0, 0, k, count, cog, w, k, g, cout,
-                               False, gc, wg * k)  # fmt: skip
-                else:  # dL/dout [Cout, P] row major (the image's planes)
-                    g = g_at + ((nl * cout + gw * cog) * plane + first) * size
-                    _blas_gemm(gemm, ints, chars, scalars, 0, 1, k, count, cog, w, k, g, plane,
-                               False, gc, wg * k)  # fmt: skip
+            _block_sample_gradients(blas, w_at, g_at, gc_at, wg * k, nl, first, count, geometry,
+                                    grad_channels_last)  # fmt: skip
             _block_gradients(pad, off, msk, has_mask, geo, runs, tile, lay, grad_cols,
                              need_weight, cols, no_cols_t, grad_off, grad_msk, item, rows, grid,
                              index, frac, sums, dest, simple, True, item, False)  # fmt: skip
@@ -1456,17 +1488,8 @@ def _backward_blocks(pad, off, msk, has_mask, geo, runs, tile, lay, w_mat, grad_
                               nl * image_rows * row, first_row, first_row,
                               first_row + image_rows)  # fmt: skip
             if need_weight:
-                for gw in range(wg):
-                    a = cols_at + gw * k * size
-                    dw = dw_at + gw * cog * k * size
-                    if grad_channels_last:
-                        g = g_at + ((nl * plane + first) * cout + gw * cog) * size
-                        _blas_gemm(gemm, ints, chars, scalars, 0, 1, k, cog, count, a, wg * k, g,
-                                   cout, True, dw, k)  # fmt: skip
-                    else:
-                        g = g_at + ((nl * cout + gw * cog) * plane + first) * size
-                        _blas_gemm(gemm, ints, chars, scalars, 0, 0, k, cog, count, a, wg * k, g,
-                                   plane, True, dw, k)  # fmt: skip
+                _block_weight_gradient(blas, cols_at, g_at, dw_at, nl, first, count, geometry,
+                                       grad_channels_last)  # fmt: skip
     _blas_threads(mkl, ints, False)
 
 
@@ -1501,6 +1524,8 @@ def _backward_blocks_taps(pad, off, msk, has_mask, geo, runs, tile, lay, w_mat, 
     no_cols_t = cols[:0]
     ints, chars, scalars = _blas_arguments(grad_off)
     gemm = mkl[1] if size == 8 else mkl[0]
+    blas = (gemm, ints, chars, scalars)
+    geometry = (wg, cog, k, cout, plane, size)
     _blas_threads(mkl, ints, True)
     g_at, gc_at, cols_at = _address_of(grad_out), _address_of(grad_cols), _address_of(cols)
     w_at = _address_of(w_mat)
@@ -1511,33 +1536,15 @@ def _backward_blocks_taps(pad, off, msk, has_mask, geo, runs, tile, lay, w_mat, 
         count = rows * wb
         n = n0 + item // rb
         first = (tile[1] + item - (item // rb) * rb) * geo[_OW] + tile[2]  # as _locate_block
-        for gw in range(wg):
-            w = w_at + gw * cog * k * size
-            gc = gc_at + (item * lay[0] + gw * k) * size
-            if grad_channels_last:
-                g = g_at + ((n * plane + first) * cout + gw * cog) * size
-                _blas_gemm(gemm, ints, chars, scalars, 0, 0, k, count, cog, w, k, g, cout,
-                           False, gc, wg * k)  # fmt: skip
-            else:
-                g = g_at + ((n * cout + gw * cog) * plane + first) * size
-                _blas_gemm(gemm, ints, chars, scalars, 0, 1, k, count, cog, w, k, g, plane,
-                           False, gc, wg * k)  # fmt: skip
+        _block_sample_gradients(blas, w_at, g_at, gc_at + item * lay[0] * size, wg * k, n, first,
+                                count, geometry, grad_channels_last)  # fmt: skip
         _block_gradients(pad, off, msk, has_mask, geo, runs, tile, lay, grad_cols, need_weight,
                          cols, no_cols_t, grad_off, grad_msk, item, rows, grid, index, frac, sums,
                          dest, simple, False, 0, True)  # fmt: skip
         _block_item_rows(frac, item_rows, item, rows, wb, groups * taps, geo[_H] + 3)
         if need_weight:
-            for gw in range(wg):
-                a = cols_at + gw * k * size
-                dw = dw_at + gw * cog * k * size
-                if grad_channels_last:
-                    g = g_at + ((n * plane + first) * cout + gw * cog) * size
-                    _blas_gemm(gemm, ints, chars, scalars, 0, 1, k, cog, count, a, wg * k, g,
-                               cout, True, dw, k)  # fmt: skip
-                else:
-                    g = g_at + ((n * cout + gw * cog) * plane + first) * size
-                    _blas_gemm(gemm, ints, chars, scalars, 0, 0, k, cog, count, a, wg * k, g,
-                               plane, True, dw, k)  # fmt: skip
+            _block_weight_gradient(blas, cols_at, g_at, dw_at, n, first, count, geometry,
+                                   grad_channels_last)  # fmt: skip
     _blas_threads(mkl, ints, False)
 
 
