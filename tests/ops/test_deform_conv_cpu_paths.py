@@ -567,21 +567,21 @@ def test_blocks_same_bits_on_any_thread_count_with_the_default_segments(monkeypa
     assert_close(grads["weight"], expected["weight"], what="grad of weight")
 
 
-def test_blocks_give_the_thread_its_mkl_setting_back():
+def test_blocks_give_the_thread_its_mkl_setting_back(monkeypatch, block_runs):
     import ctypes
 
     setting = ctypes.CDLL(_deform_conv_cpu._mkl_library()).mkl_set_num_threads_local_
     setting.restype = ctypes.c_int
+    use_blocks(monkeypatch)
     args = make(dtype=torch.float32, batch=1, weight_groups=1, offset_groups=1)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)  # the kernel runs on this thread
         setting(ctypes.byref(ctypes.c_int(3)))
-        _deform_conv_cpu.FORWARD_GEMM = "blocks"
-        deform_conv2d(**{k: v for k, v in args.items()})
+        deform_conv2d(**args)
+        assert block_runs["forward"] == 1
         assert setting(ctypes.byref(ctypes.c_int(0))) == 3
     finally:
-        _deform_conv_cpu.FORWARD_GEMM = "tiles"
         torch.set_num_threads(before)
 
 

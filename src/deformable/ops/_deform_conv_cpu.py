@@ -2325,21 +2325,27 @@ def _backward_by_blocks(p: _Problem, need_taps: bool) -> bool:
     return int(p.geo[_BATCH]) >= BACKWARD_SEGMENTS and _backward_blocks_fit(p, need_taps)
 
 
-def _backward_blocks_run(p: _Problem, grad_out, weight, need, grad_offset, grad_mask, grad_pad):
-    """dL/dW (as ``_Problem.weight_matrix``), with the other gradients written into the buffers
-    given, by ``_backward_blocks``."""
-    need_input, _, need_weight, _ = need
-    tile = np.array([0, 0, 0, grad_out.shape[0], p.out_h, p.out_w], dtype=np.int64)
+def _blocks_operands(p: _Problem, grad_out, weight):
+    """What the backward's block kernels read of the weight and dL/dout: the weight matrix
+    (``_Problem.weight_matrix``, contiguous), dL/dout flat in its own memory format, and whether
+    that format is channels last. Made once a call."""
     w_mat = p.weight_matrix(weight.detach()).contiguous()
     grad_channels_last = _is_channels_last(grad_out)
-    flat = grad_out.detach()
-    flat = flat.permute(0, 2, 3, 1) if grad_channels_last else flat.contiguous()
+    flat = grad_out.permute(0, 2, 3, 1) if grad_channels_last else grad_out.contiguous()
+    return w_mat, flat.numpy().reshape(-1), grad_channels_last
+
+
+def _backward_blocks_run(p: _Problem, operands, need, grad_offset, grad_mask, grad_pad):
+    """dL/dW (as ``_Problem.weight_matrix``), with the other gradients written into the buffers
+    given, by ``_backward_blocks``; ``operands`` from ``_blocks_operands``."""
+    need_input, _, need_weight, _ = need
+    w_mat, grad_out, grad_channels_last = operands
+    tile = np.array([0, 0, 0, p.geo[_BATCH], p.out_h, p.out_w], dtype=np.int64)
     parts = torch.zeros((BACKWARD_SEGMENTS if need_weight else 0, *w_mat.shape), dtype=p.dtype)
     no_input = np.empty(0, dtype=parts.numpy().dtype)
     _run(_backward_blocks, BACKWARD_SEGMENTS, *p.sources, p.geo, p.runs, tile,
-         p.column_layout(tile), w_mat.numpy().reshape(-1), flat.numpy().reshape(-1),
-         grad_channels_last, need_weight, need_input, grad_offset.numpy().reshape(-1),
-         grad_mask.numpy().reshape(-1),
+         p.column_layout(tile), w_mat.numpy().reshape(-1), grad_out, grad_channels_last,
+         need_weight, need_input, grad_offset.numpy().reshape(-1), grad_mask.numpy().reshape(-1),
          grad_pad.numpy().reshape(-1) if need_input else no_input, parts.numpy().reshape(-1),
          _MKL)  # fmt: skip
     if not need_weight:
@@ -2350,24 +2356,22 @@ def _backward_blocks_run(p: _Problem, grad_out, weight, need, grad_offset, grad_
     return grad_w_mat
 
 
-def _backward_tile_by_blocks(p: _Problem, tile, grad_out, weight, need, grad_offset, grad_mask,
-                             grad_pad, grad_w_mat) -> None:
+def _backward_tile_by_blocks(p: _Problem, tile, operands, need, grad_offset, grad_mask, grad_pad,
+                             grad_w_mat) -> None:
     """One tile's backward: ``_backward_blocks_taps`` over ``BACKWARD_SEGMENTS`` fixed segments
     of its blocks (dL/dsamples into a tile buffer, the offset and mask gradients, the weight
     gradient's partial sums, added to ``grad_w_mat`` in order), then ``_backward_input``."""
     need_input, _, need_weight, _ = need
+    w_mat, grad_out, grad_channels_last = operands
     nb, rb, wb = tile[3:]
     shape = (nb * rb * wb, p.weight_groups, p.taps * p.cw)
     gc = _scratch("grad_samples", math.prod(shape), p.dtype)
-    w_mat = p.weight_matrix(weight.detach()).contiguous()
-    grad_channels_last = _is_channels_last(grad_out)
-    flat = grad_out.permute(0, 2, 3, 1) if grad_channels_last else grad_out.contiguous()
     parts = torch.zeros((BACKWARD_SEGMENTS if need_weight else 0, *w_mat.shape), dtype=p.dtype)
     tile_np, layout = np.array(tile, dtype=np.int64), p.column_layout(tile)
     item_rows = np.empty(2 * nb * rb, dtype=np.int64)
     _run(_backward_blocks_taps, BACKWARD_SEGMENTS, *p.sources, p.geo, p.runs, tile_np, layout,
-         w_mat.numpy().reshape(-1), flat.numpy().reshape(-1), grad_channels_last, need_weight,
-         gc.numpy(), grad_offset.numpy().reshape(-1), grad_mask.numpy().reshape(-1), item_rows,
+         w_mat.numpy().reshape(-1), grad_out, grad_channels_last, need_weight, gc.numpy(),
+         grad_offset.numpy().reshape(-1), grad_mask.numpy().reshape(-1), item_rows,
          parts.numpy().reshape(-1), _MKL)  # fmt: skip
     if need_input:
         _run(_backward_input, num_chunks(nb * (p.geo[_H] + 3), gc.numel()), *p.sources[1:],
@@ -2397,18 +2401,18 @@ def backward(grad_out, input, offset, weight, stride, padding, dilation, mask, n
     grad_mask = torch.empty(offset[:, : offset.shape[1] // 2].shape, dtype=p.dtype)
     grad_out = grad_out.detach()
     tiles = p.tiles
-    if _backward_by_blocks(p, need_taps):
-        grad_w_mat = _backward_blocks_run(p, grad_out, weight, need, grad_offset, grad_mask,
-                                          grad_pad)  # fmt: skip
-        tiles = []
     # by blocks on batches of 2 or more (batch 1 measured 1-4 % slower: few blocks to split)
-    taps_by_blocks = _backward_blocks_fit(p, need_taps) and int(p.geo[_BATCH]) >= 2
+    by_blocks = _backward_blocks_fit(p, need_taps) and int(p.geo[_BATCH]) >= 2
+    operands = _blocks_operands(p, grad_out, weight) if by_blocks else None
+    if by_blocks and _backward_by_blocks(p, need_taps):
+        grad_w_mat = _backward_blocks_run(p, operands, need, grad_offset, grad_mask, grad_pad)
+        tiles = []
     for tile in tiles:
         n0, r0, c0, nb, rb, wb = tile
         positions = nb * rb * wb
-        if taps_by_blocks:
-            _backward_tile_by_blocks(p, tile, grad_out, weight, need, grad_offset, grad_mask,
-                                     grad_pad, grad_w_mat)  # fmt: skip
+        if by_blocks:
+            _backward_tile_by_blocks(p, tile, operands, need, grad_offset, grad_mask, grad_pad,
+                                     grad_w_mat)  # fmt: skip
             continue
         # [Cout, P], P in the column order (n, row, column), and g its [P, Cout] view
         g_t = grad_out[n0 : n0 + nb, :, r0 : r0 + rb, c0 : c0 + wb].permute(1, 0, 2, 3)
