@@ -1387,10 +1387,17 @@ def _forward_blocks(pad, off, msk, has_mask, geo, runs, tile, lay, w_mat, bias, 
     weight = np.empty(4 * located, dtype=out.dtype)
     grid = np.empty(2 * block_rows * wb, dtype=np.float64)
     local = _aligned(block_rows * lay[0], out)
+    # NCHW, where a block holds half its image or more: the block's [P, Cout] result, then
+    # transposed into the planes (MKL's GEMM in this orientation ran 12-15 % faster than
+    # writing the planes' rows itself, on 32-64 channels: the forward 5-10 % faster on 10x10
+    # and 20x20 maps; 3 % slower on 28x28 and 56x56 maps in blocks of 4 rows)
+    transposed = not channels_last and 2 * block_rows * wb >= plane
+    rows_out = _aligned(block_rows * wb * cout if transposed else 0, out)
     ints, chars, scalars = _blas_arguments(out)
     gemm = mkl[1] if out.itemsize == 8 else mkl[0]
     _blas_threads(mkl, ints, True)
     samples, weights, out_at = _address_of(local), _address_of(w_mat), _address_of(out)
+    rows_at = _address_of(rows_out)
     blocks = tile[3] * ((rb + block_rows - 1) // block_rows)
     for b in range(blocks * chunk // chunks, blocks * (chunk + 1) // chunks):
         item, rows = _block(tile, b)
@@ -1407,14 +1414,18 @@ def _forward_blocks(pad, off, msk, has_mask, geo, runs, tile, lay, w_mat, bias, 
         for gw in range(wg):
             a = samples + gw * k * size
             w = weights + gw * cog * k * size
-            if channels_last:  # out[P, cog] (row major) = samples @ w.T
-                c = out_at + ((n * plane + first) * cout + gw * cog) * size
+            if channels_last or transposed:  # [P, cog] (row major) = samples @ w.T
+                c = rows_at + gw * cog * size
+                if channels_last:
+                    c = out_at + ((n * plane + first) * cout + gw * cog) * size
                 _blas_gemm(gemm, ints, chars, scalars, 1, 0, cog, count, k, w, k, a, wg * k,
                            False, c, cout)  # fmt: skip
             else:  # out[cog, P] (row major, rows of the NCHW planes) = w @ samples.T
                 c = out_at + ((n * cout + gw * cog) * plane + first) * size
                 _blas_gemm(gemm, ints, chars, scalars, 1, 0, count, cog, k, a, wg * k, w, k,
                            False, c, plane)  # fmt: skip
+        if transposed:
+            _transpose(out, n * cout * plane + first, plane, rows_out, 0, cout, cout, count)
         if has_bias:
             for co in range(cout):
                 if channels_last:
