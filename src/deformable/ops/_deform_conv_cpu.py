@@ -1411,13 +1411,13 @@ def _forward_blocks(pad, off, msk, has_mask, geo, runs, tile, lay, w_mat, bias, 
             _blend_block(local, pad, n * image_size, index, weight, geo, runs, dest, lay, 0, rows,
                          wb)  # fmt: skip
         count = rows * wb
+        # [P, Cout] rows: the output's own (channels last), or the scratch to transpose
+        rows_base = out_at + (n * plane + first) * cout * size if channels_last else rows_at
         for gw in range(wg):
             a = samples + gw * k * size
             w = weights + gw * cog * k * size
             if channels_last or transposed:  # [P, cog] (row major) = samples @ w.T
-                c = rows_at + gw * cog * size
-                if channels_last:
-                    c = out_at + ((n * plane + first) * cout + gw * cog) * size
+                c = rows_base + gw * cog * size
                 _blas_gemm(gemm, ints, chars, scalars, 1, 0, cog, count, k, w, k, a, wg * k,
                            False, c, cout)  # fmt: skip
             else:  # out[cog, P] (row major, rows of the NCHW planes) = w @ samples.T
