@@ -77,3 +77,80 @@ def test_export_captures_one_node():
     targets = [n.target for n in program.graph.nodes if n.op == "call_function"]
     assert targets.count(torch.ops.deformable.deform_conv2d.default) == 1
     assert_close(program.module()(x), net(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# The direct call: deform_conv2d runs the op's kernel itself, without the op's dispatch, where
+# nothing needs the op.
+
+
+@pytest.fixture
+def direct_calls(monkeypatch):
+    """How many times deform_conv2d called the kernel itself (the op calls the one it was
+    registered with, not the module attribute this spy replaces)."""
+    from deformable.ops import deform_conv
+
+    calls = []
+    kernel = deform_conv._forward
+
+    def spy(*args):
+        calls.append(1)
+        return kernel(*args)
+
+    monkeypatch.setattr(deform_conv, "_forward", spy)
+    return calls
+
+
+def call(tensors):
+    x, offset, weight, b, mask = tensors
+    return deform_conv2d(x, offset, weight, b, padding=1, mask=mask)
+
+
+def test_direct_call_without_gradients_same_bits_as_the_op(direct_calls):
+    x, offset, weight, b, mask = tensors = example()
+    via_op = torch.ops.deformable.deform_conv2d(x, offset, weight, b, [1, 1], [1, 1], [1, 1], mask)
+    assert direct_calls == []
+    assert torch.equal(call(tensors), via_op)  # nothing needs a gradient
+    assert len(direct_calls) == 1
+    with torch.no_grad():  # a layer's Parameter under no_grad
+        assert torch.equal(call([x, offset, torch.nn.Parameter(weight), b, mask]), via_op)
+    assert len(direct_calls) == 2
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::torch.jit.TracerWarning",
+                            "ignore:.*batching rule")  # fmt: skip
+def test_the_op_runs_where_something_needs_it(direct_calls):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    tensors = example(requires_grad=True)
+    out = call(tensors)  # autograd: the op's formula
+    out.sum().backward()
+    assert tensors[1].grad is not None
+
+    class Log(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    plain = example()
+    x, offset, weight, b, mask = plain
+    expected = call(plain)  # the one direct call
+    with Log() as log:
+        call(plain)
+    assert "deformable.deform_conv2d.default" in log.ops
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(t) if t is not None else None for t in plain]
+        assert call(fake).shape == (2, 4, 7, 6)
+    with torch.profiler.profile() as prof:
+        call(plain)
+    assert any("deformable::deform_conv2d" in e.name for e in prof.events())
+    one = torch.func.vmap(lambda x, o, m: call([x[None], o[None], weight, b, m[None]])[0])
+    assert_close(one(x, offset, mask), expected)
+    traced = torch.jit.trace(lambda x: call([x, *plain[1:]]), plain[0], check_trace=False)
+    assert "deformable::deform_conv2d" in str(traced.graph)
+    assert len(direct_calls) == 1

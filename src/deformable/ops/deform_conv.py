@@ -8,7 +8,8 @@ import torch
 from torch import Tensor
 
 from deformable.ops import _deform_conv_cpu, kernels, reference
-from deformable.ops._checks import autocast_dtype, cast_floating, check_same, pair, reference_grads, upcast
+from deformable.ops._checks import (autocast_dtype, cast_floating, check_same, direct_call, pair,
+                                    reference_grads, upcast)
 
 __all__ = ["deform_conv2d"]
 
@@ -101,6 +102,9 @@ def deform_conv2d(
     if dtype is not None:  # under autocast a convolution runs in the autocast dtype, as F.conv2d
         input, offset, weight, bias, mask = cast_floating(dtype, input, offset, weight, bias, mask)
     _check_arguments(input, offset, weight, bias, stride, padding, dilation, mask)
+    if direct_call(input, offset, weight, bias, mask):  # the op's own kernel, minus its dispatch
+        return _forward(input, offset, weight, bias, list(stride), list(padding), list(dilation),
+                        mask)  # fmt: skip
     return torch.ops.deformable.deform_conv2d(
         input, offset, weight, bias, list(stride), list(padding), list(dilation), mask
     )
