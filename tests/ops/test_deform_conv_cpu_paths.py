@@ -657,3 +657,28 @@ def test_batch_of_one_backward_stays_on_tiles(monkeypatch, block_runs):
     assert block_runs == {"forward": 1, "backward": 0, "tiles": 0}
     for name, grad in expected.items():
         assert_close(grads[name], grad, what=f"grad of {name}")
+
+
+@pytest.mark.parametrize("nb, rb, wb", [(1, 28, 28), (1, 14, 14), (1, 7, 7), (2, 14, 14),
+                                         (64, 20, 20), (2, 56, 56), (1, 50, 84), (3, 5, 600),
+                                         (1, 1, 9), (9, 2, 3)])  # fmt: skip
+def test_block_grid_splits_rows_evenly(nb, rb, wb):
+    """Each image's rows in blocks of near-equal length, the longer first, covering every row
+    once in order; at least eight blocks a tile where the rows allow, within ``_BLOCK``
+    positions where a row fits; the block buffers sized for the longest."""
+    k = _deform_conv_cpu
+    tile = np.array([0, 0, 0, nb, rb, wb], dtype=np.int64)
+    count = k._block_count(tile)
+    per_image = count // nb
+    assert count == nb * per_image
+    blocks = [k._block(tile, b) for b in range(count)]
+    for n in range(nb):
+        mine = blocks[n * per_image : (n + 1) * per_image]
+        assert [item for item, _ in mine] == list(np.cumsum([n * rb] + [r for _, r in mine])[:-1])
+        sizes = [rows for _, rows in mine]
+        assert sum(sizes) == rb and max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes)[::-1]
+        assert max(sizes) == k._block_rows(nb, rb, wb)
+        assert max(sizes) * wb <= max(k._BLOCK, wb)
+    assert count >= min(8, nb * rb)
+    if (nb, rb) == (1, 28):  # 28 rows for two threads: 4, 4, 4, 4, 3, 3, 3, 3
+        assert [rows for _, rows in blocks] == [4] * 4 + [3] * 4

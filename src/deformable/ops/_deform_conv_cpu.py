@@ -508,32 +508,43 @@ _BLOCK = 256
 
 
 @njit(nogil=True, cache=True, inline="always")
+def _image_blocks(nb, rb, wb):
+    """Blocks of each image's rows in a tile (``_block``): as few as keep them within about
+    ``_BLOCK`` positions (the coordinate loops run in vectors of 32 and leave the rest to a slow
+    scalar remainder: short blocks cost), and at least eight a tile where the rows allow it (a
+    batch-1 map still splits between threads). It depends on the tile only, never on the
+    threads."""
+    most = max(1, _BLOCK // wb)
+    return max((rb + most - 1) // most, min(rb, (nb + 7) // nb))
+
+
+@njit(nogil=True, cache=True, inline="always")
 def _block_rows(nb, rb, wb):
-    """Tile rows per block: whole rows of one image, about ``_BLOCK`` positions (the coordinate
-    loops run in vectors of 32 and leave the rest to a slow scalar remainder: short blocks cost),
-    and at least eight blocks a tile where the rows allow it (a batch-1 map still splits between
-    threads). It depends on the tile only, never on the threads."""
-    return max(1, min(_BLOCK // wb, (nb * rb + 7) // 8))
+    """The most tile rows a block holds: what the kernels size a block's buffers by."""
+    blocks = _image_blocks(nb, rb, wb)
+    return (rb + blocks - 1) // blocks
 
 
 def _block_count(tile) -> int:
     """Blocks of a tile (as ``_block``): the unit of work the kernels split between threads."""
     nb, rb, wb = tile[3:]
-    return nb * -(-rb // _block_rows(nb, rb, wb))
+    return nb * _image_blocks(nb, rb, wb)
 
 
 @njit(nogil=True, cache=True, inline="always")
 def _block(tile, b):
-    """First tile row ``item`` and row count of block ``b``. Blocks lie on a fixed grid (each
-    image's rows from its first, ``_block_rows`` at a time) whatever the threads: a position is
-    always located by the same code (the vector loop or its remainder), so results do not depend
-    on the number of threads."""
-    rb, wb = tile[4], tile[5]
-    block_rows = _block_rows(tile[3], rb, wb)
-    per_image = (rb + block_rows - 1) // block_rows
+    """First tile row ``item`` and row count of block ``b``. Blocks lie on a fixed grid whatever
+    the threads: each image's rows in ``_image_blocks`` runs of near-equal length, the longer
+    ones first. A position is then always located by the same code (the vector loop or its
+    remainder), so results do not depend on the number of threads; and threads claiming blocks
+    in order finish together (28 rows in blocks of 4, 4, 4, 4, 3, 3, 3, 3 rows split 14 / 14
+    between two threads, where seven blocks of 4 split 16 / 12)."""
+    rb = tile[4]
+    per_image = _image_blocks(tile[3], rb, tile[5])
     nl = b // per_image
-    first_row = (b - nl * per_image) * block_rows
-    return nl * rb + first_row, min(block_rows, rb - first_row)
+    j = b - nl * per_image
+    rows, longer = rb // per_image, rb % per_image
+    return nl * rb + j * rows + min(j, longer), rows + (1 if j < longer else 0)
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -821,7 +832,7 @@ def _sample(pad, off, msk, has_mask, geo, runs, tile, lay, out, chunk, chunks):
     index = np.empty(located, dtype=np.int64)
     weight = np.empty(4 * located, dtype=out.dtype)
     grid = np.empty(2 * block_rows * wb, dtype=np.float64)
-    blocks = tile[3] * ((rb + block_rows - 1) // block_rows)
+    blocks = tile[3] * _image_blocks(tile[3], rb, wb)
     for b in range(blocks * chunk // chunks, blocks * (chunk + 1) // chunks):
         item, rows = _block(tile, b)
         _locate_block(off, msk, has_mask, geo, tile, item, rows, grid, index, weight, False, True)
@@ -1031,7 +1042,7 @@ def _backward_taps(pad, off, msk, has_mask, geo, runs, tile, lay, grad_cols, wri
     sums = np.empty(3 * stride, dtype=grad_cols.dtype)
     grid = np.empty(2 * block_rows * wb, dtype=np.float64)
     samples = _block_samples(cols, cols_t, write_cols, block_rows, lay)
-    blocks = tile[3] * ((rb + block_rows - 1) // block_rows)
+    blocks = tile[3] * _image_blocks(tile[3], rb, wb)
     for b in range(blocks * chunk // chunks, blocks * (chunk + 1) // chunks):
         item, rows = _block(tile, b)
         _block_gradients(pad, off, msk, has_mask, geo, runs, tile, lay, grad_cols, write_cols,
@@ -1148,7 +1159,7 @@ def _backward_input(off, msk, has_mask, geo, runs, tile, lay, grad_cols, item_ro
     index = np.empty(located, dtype=np.int64)
     frac = np.empty(8 * located, dtype=grad_cols.dtype)
     grid = np.empty(2 * block_rows * wb, dtype=np.float64)
-    blocks = nb * ((rb + block_rows - 1) // block_rows)
+    blocks = nb * _image_blocks(nb, rb, wb)
     for b in range(blocks):
         item, rows = _block(tile, b)
         first_row = (item // rb) * image_rows  # this image's row 0 in the numbering above
@@ -1185,7 +1196,7 @@ def _backward_fused(pad, off, msk, has_mask, geo, runs, tile, lay, grad_cols, wr
     image_rows = geo[_H] + 3
     row = (geo[_W] + 2) * geo[_C]
     block_rows = _block_rows(nb, rb, wb)
-    per_image = (rb + block_rows - 1) // block_rows  # blocks of an image (as ``_block``)
+    per_image = _image_blocks(nb, rb, wb)  # blocks of an image (as ``_block``)
     stride = groups * taps * block_rows * wb  # (group, tap, position) of a block
     index = np.empty(stride, dtype=np.int64)
     frac = np.empty(8 * stride, dtype=grad_cols.dtype)
@@ -1398,7 +1409,7 @@ def _forward_blocks(pad, off, msk, has_mask, geo, runs, tile, lay, w_mat, bias, 
     _blas_threads(mkl, ints, True)
     samples, weights, out_at = _address_of(local), _address_of(w_mat), _address_of(out)
     rows_at = _address_of(rows_out)
-    blocks = tile[3] * ((rb + block_rows - 1) // block_rows)
+    blocks = tile[3] * _image_blocks(tile[3], rb, wb)
     for b in range(blocks * chunk // chunks, blocks * (chunk + 1) // chunks):
         item, rows = _block(tile, b)
         first = _locate_block(off, msk, has_mask, geo, tile, item, rows, grid, index, weight,
@@ -1466,7 +1477,7 @@ def _backward_blocks(pad, off, msk, has_mask, geo, runs, tile, lay, w_mat, grad_
     image_rows = geo[_H] + 3
     row = (geo[_W] + 2) * channels
     block_rows = _block_rows(nb, rb, wb)
-    per_image = (rb + block_rows - 1) // block_rows  # blocks of an image (as ``_block``)
+    per_image = _image_blocks(nb, rb, wb)  # blocks of an image (as ``_block``)
     stride = groups * taps * block_rows * wb  # (group, tap, position) of a block
     index = np.empty(stride, dtype=np.int64)
     frac = np.empty(8 * stride, dtype=grad_off.dtype)
@@ -1541,7 +1552,7 @@ def _backward_blocks_taps(pad, off, msk, has_mask, geo, runs, tile, lay, w_mat, 
     g_at, gc_at, cols_at = _address_of(grad_out), _address_of(grad_cols), _address_of(cols)
     w_at = _address_of(w_mat)
     dw_at = _address_of(grad_w) + chunk * cout * k * size
-    blocks = nb * ((rb + block_rows - 1) // block_rows)
+    blocks = nb * _image_blocks(nb, rb, wb)
     for b in range(blocks * chunk // chunks, blocks * (chunk + 1) // chunks):
         item, rows = _block(tile, b)
         count = rows * wb
