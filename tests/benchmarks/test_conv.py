@@ -65,3 +65,23 @@ def test_table_without_torchvision_has_no_ratio_for_it():
     mean = conv.markdown([row]).splitlines()[-1]
     assert mean.startswith("| geometric mean |") and "—x" not in mean
     assert mean.split(" | ")[1:5] == ["", "1.50x", "—", "—"]  # conv2d ms, ours, torchvision, ort
+
+
+def test_onnxruntime_time_is_the_smallest_of_its_processes(monkeypatch):
+    """onnxruntime is timed in ``ONNXRUNTIME_PROCESSES`` processes of its own, its best kept; a
+    process that fails stops the run with its error."""
+    import subprocess
+
+    times = iter(["2.5\n", "warming up\n1.5\n", "oops"])
+    calls = []
+
+    def fake_run(argv, **kwargs):
+        calls.append(argv)
+        out = next(times)
+        return subprocess.CompletedProcess(argv, 0 if out != "oops" else 1, out, "the error")
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    assert conv._onnxruntime_ms(conv.QUICK_SHAPES[0], 1) == 1.5
+    assert len(calls) == conv.ONNXRUNTIME_PROCESSES == 2
+    with pytest.raises(RuntimeError, match="the error"):
+        conv._onnxruntime_ms(conv.QUICK_SHAPES[0], 1, processes=1)

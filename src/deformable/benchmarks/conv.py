@@ -152,8 +152,14 @@ class _Case:
                                         self.shape.dilation, self.mask)  # fmt: skip
 
 
-def _onnxruntime_ms(shape, repeats: int) -> float | None:
-    """onnxruntime's DeformConv forward on the same tensors, timed in a separate process.
+#: Processes onnxruntime is timed in, keeping the smallest time: one process's time moved by
+#: up to 30 % from run to run on the batch-1 maps (0.96 / 1.31 ms on 1x512x7x7).
+ONNXRUNTIME_PROCESSES = 2
+
+
+def _onnxruntime_ms(shape, repeats: int, processes: int = ONNXRUNTIME_PROCESSES) -> float | None:
+    """onnxruntime's DeformConv forward on the same tensors, timed in separate processes (the
+    smallest of their times).
 
     A live onnxruntime session's threads slow torch's own convolutions down (measured here:
     2.2 ms -> 6.3 ms for one conv), so it never shares a process with the other timings.
@@ -167,11 +173,14 @@ def _onnxruntime_ms(shape, repeats: int) -> float | None:
         f"print(json.dumps(None if run is None else timing.median_ms({{'ort': run}}, {repeats})['ort']))"
     )
     env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                            timeout=600)  # fmt: skip
-    if result.returncode != 0:
-        raise RuntimeError(f"the onnxruntime timing failed:\n{result.stderr}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    times = []
+    for _ in range(processes):
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                env=env, timeout=600)  # fmt: skip
+        if result.returncode != 0:
+            raise RuntimeError(f"the onnxruntime timing failed:\n{result.stderr}")
+        times.append(json.loads(result.stdout.strip().splitlines()[-1]))
+    return None if None in times else min(times)
 
 
 def time_shape(shape, repeats: int, torchvision_too: bool = True) -> dict:
