@@ -682,3 +682,19 @@ def test_block_grid_splits_rows_evenly(nb, rb, wb):
     assert count >= min(8, nb * rb)
     if (nb, rb) == (1, 28):  # 28 rows for two threads: 4, 4, 4, 4, 3, 3, 3, 3
         assert [rows for _, rows in blocks] == [4] * 4 + [3] * 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("cout, cin, kh, kw, groups, channels_last",
+                         [(128, 128, 3, 3, 1, False), (64, 32, 5, 5, 2, False),
+                          (7, 3, 3, 2, 1, False), (16, 8, 1, 1, 1, False), (12, 4, 3, 3, 3, True)])
+def test_weight_rows_are_the_weight_matrix(cout, cin, kh, kw, groups, channels_last, dtype):
+    """The forward's contiguous weight matrix, reordered by a kernel, is torch's permuted copy."""
+    x = torch.randn(1, cin * groups, 9, 9, dtype=dtype)
+    w = torch.randn(cout, cin, kh, kw, dtype=dtype)
+    if channels_last:
+        w = w.contiguous(memory_format=torch.channels_last)
+    offset = torch.randn(1, 2 * kh * kw, 10 - kh, 10 - kw, dtype=dtype)
+    p = _deform_conv_cpu._Problem(x, offset, w, (1, 1), (0, 0), (1, 1), None)
+    rows = p.weight_rows(w)
+    assert rows.is_contiguous() and torch.equal(rows, p.weight_matrix(w))
