@@ -2432,7 +2432,6 @@ def backward(grad_out, input, offset, weight, stride, padding, dilation, mask, n
     p = _Problem(input, offset, weight, stride, padding, dilation, mask, budget, longest)
     wg, cog = p.weight_groups, p.out_channels // p.weight_groups
     w_mat = p.weight_matrix(weight)
-    grad_w_mat = torch.zeros_like(w_mat) if need_weight else None
     grad_pad = _buffer("grad_pad", p.pad.shape, p.dtype, zero=True) if need_input else None
     grad_offset = torch.empty(offset.shape, dtype=p.dtype)
     # without a mask its gradient is computed into a scratch buffer and dropped
@@ -2445,6 +2444,8 @@ def backward(grad_out, input, offset, weight, stride, padding, dilation, mask, n
     if by_blocks and _backward_by_blocks(p, need_taps):
         grad_w_mat = _backward_blocks_run(p, operands, need, grad_offset, grad_mask, grad_pad)
         tiles = []
+    else:  # the tiles add their shares into it
+        grad_w_mat = torch.zeros_like(w_mat) if need_weight else None
     for tile in tiles:
         n0, r0, c0, nb, rb, wb = tile
         positions = nb * rb * wb
