@@ -698,3 +698,33 @@ def test_weight_rows_are_the_weight_matrix(cout, cin, kh, kw, groups, channels_l
     p = _deform_conv_cpu._Problem(x, offset, w, (1, 1), (0, 0), (1, 1), None)
     rows = p.weight_rows(w)
     assert rows.is_contiguous() and torch.equal(rows, p.weight_matrix(w))
+
+
+def test_problem_shapes_kept_by_the_calls_key(monkeypatch):
+    """A _Problem's shapes (geo, runs, tiles) are computed once per key and kept; the kernels
+    never write the kept ones; what they depend on (dtype, layout, budget, TILE_BYTES) makes
+    another key."""
+    statics = {}
+    monkeypatch.setattr(_deform_conv_cpu, "_statics", statics)
+    make_problem = _deform_conv_cpu._Problem
+    args = make(dtype=torch.float32, **CONFIGS["wide_channels"])
+    x, offset, weight = args["input"], args["offset"], args["weight"]
+    geometry = (args["stride"], args["padding"], args["dilation"])
+    first = make_problem(x, offset, weight, *geometry, None)
+    assert make_problem(x, offset, weight, *geometry, None).geo is first.geo
+    out, grads, grad_out = grads_of(deform_conv2d, args)  # the forward's and backward's keys
+    assert len(statics) == 3
+    kept = {key: value["geo"].copy() for key, value in statics.items()}
+    again, again_grads, _ = grads_of(deform_conv2d, args, grad_out)
+    assert torch.equal(again, out) and all(torch.equal(again_grads[k], grads[k]) for k in grads)
+    assert len(statics) == 3 and all(np.array_equal(statics[k]["geo"], kept[k]) for k in kept)
+    others = [make_problem(x.double(), offset.double(), weight.double(), *geometry, None),
+              make_problem(x.contiguous(memory_format=torch.channels_last), offset, weight,
+                           *geometry, None),
+              make_problem(x, offset, weight, *geometry, None, budget=4096),
+              make_problem(x, offset, weight, *geometry, None, max_positions=3)]  # fmt: skip
+    assert all(p.geo is not first.geo for p in others)
+    assert others[0].dtype == torch.float64 and others[1].channels_last
+    assert len(others[2].tiles) > len(first.tiles) and len(others[3].tiles) > len(first.tiles)
+    monkeypatch.setattr(_deform_conv_cpu, "TILE_BYTES", 4096)
+    assert make_problem(x, offset, weight, *geometry, None).tiles == others[2].tiles

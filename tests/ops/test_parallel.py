@@ -81,3 +81,19 @@ def test_kernels_on_torch_openmp_threads_match_the_pool(two_threads, monkeypatch
     on_pool = run()
     for a, b in zip(on_openmp, on_pool):
         assert torch.equal(a, b)
+
+
+def test_channels_last_tensors_handed_to_the_pool(two_threads, monkeypatch):
+    """The kernels take tensors by their memory: a channels-last input and output reach the
+    pool's kernels (as numpy arrays of that memory) as they reach OpenMP's."""
+    from deformable.ops import deform_conv2d
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 16, 12, 10, generator=g).contiguous(memory_format=torch.channels_last)
+    offset = torch.randn(2, 18, 12, 10, generator=g)
+    weight = torch.randn(8, 16, 3, 3, generator=g)
+    expected = deform_conv2d(x, offset, weight, padding=1)
+    assert expected.is_contiguous(memory_format=torch.channels_last)
+    monkeypatch.setattr(_parallel, "_openmp_parallel", False)
+    assert not _parallel.openmp_available()
+    assert torch.equal(deform_conv2d(x, offset, weight, padding=1), expected)

@@ -137,17 +137,29 @@ _FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
 _workspace = threading.local()
 
 
-def _scratch(name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
-    """A flat scratch tensor kept per thread between calls (at most one tile each).
+def _scratch(name: str, numel: int, dtype: torch.dtype, shape=None) -> torch.Tensor:
+    """A flat scratch tensor kept per thread between calls (at most one tile each), or its
+    first ``numel`` elements viewed as ``shape``.
 
     Freshly allocated tile buffers cost page faults on every call, and the kernel serialises
-    faults from several threads: reusing them is worth several milliseconds per call.
+    faults from several threads: reusing them is worth several milliseconds per call. The
+    views are kept too (two torch ops, 5-10 us of a batch-1 layer's call where it is cold).
     """
-    buffers = _workspace.__dict__.setdefault("buffers", {})
+    space = _workspace.__dict__
+    buffers = space.setdefault("buffers", {})
     buf = buffers.get((name, dtype))
     if buf is None or buf.numel() < numel:
         buf = buffers[(name, dtype)] = torch.empty(numel, dtype=dtype)
-    return buf[:numel]
+    views = space.setdefault("views", {})
+    key = (name, dtype, numel, shape)
+    kept = views.get(key)
+    if kept is not None and kept[0] is buf:
+        return kept[1]
+    view = buf[:numel] if shape is None else buf[:numel].view(shape)
+    if len(views) >= 64:
+        views.clear()
+    views[key] = (buf, view)
+    return view
 
 
 def _buffer(name: str, shape, dtype: torch.dtype, zero: bool = False) -> torch.Tensor:
@@ -158,7 +170,7 @@ def _buffer(name: str, shape, dtype: torch.dtype, zero: bool = False) -> torch.T
     numel = math.prod(shape)
     if numel * dtype.itemsize > KEPT_BYTES:
         return torch.zeros(shape, dtype=dtype) if zero else torch.empty(shape, dtype=dtype)
-    buf = _scratch(name, numel, dtype).view(shape)
+    buf = _scratch(name, numel, dtype, tuple(shape))
     return buf.zero_() if zero else buf
 
 
@@ -1821,25 +1833,49 @@ _compiled_tasks: dict = {}
 
 def _run(kernel, chunks: int, *args) -> None:
     """``run_chunked(kernel, chunks, *args)``, on torch's OpenMP threads where it runs on them
-    (``_parallel.run_openmp``): the arrays are handed over by address, numbers as they are."""
-    threads = min(_parallel.num_threads(), chunks)
-    if threads <= 1 or not _parallel.openmp_available():
-        run_chunked(kernel, chunks, *args)
+    (``_parallel.run_openmp``), even in one chunk (one thread: a numba dispatch from Python
+    types every argument, 10-20 us): the arrays are handed over by address, numbers as they are.
+
+    An array argument is a numpy array or a dense tensor (one whose memory is its elements,
+    contiguous in some order of its dimensions, e.g. a channels-last output): handed over as
+    its memory, the address and length of a tensor cost a tenth of a numpy view's."""
+    if not _parallel.openmp_available():
+        run_chunked(kernel, chunks, *(_dense_numpy(a) if isinstance(a, torch.Tensor) else a
+                                      for a in args))  # fmt: skip
         return
     task = _compiled_tasks.get(kernel.__name__)
     if task is None:
         function = globals()[kernel.__name__ + "_task"]
         task = _compiled_tasks[kernel.__name__] = cfunc(types.void(types.voidptr), cache=True)(function)
-    counter = np.zeros(1, dtype=np.int64)
-    descriptor = [counter.ctypes.data, chunks, 0]
+    words = [0, chunks, 0]
+    numbers = []
     for arg in args:
-        if isinstance(arg, np.ndarray):
+        if isinstance(arg, torch.Tensor):
+            words += (arg.data_ptr(), arg.numel())
+            if arg.dtype == torch.float64:
+                words[2] = 1
+        elif isinstance(arg, np.ndarray):
+            words += (arg.ctypes.data, arg.size)
             if arg.dtype == np.float64:
-                descriptor[2] = 1
-            descriptor += [arg.ctypes.data, arg.size]
-    descriptor += [int(arg) for arg in args if not isinstance(arg, np.ndarray)]
-    descriptor = np.array(descriptor + [0] * (40 - len(descriptor)), dtype=np.int64)
-    _parallel.run_openmp(task.address, descriptor, threads)
+                words[2] = 1
+        else:
+            numbers.append(int(arg))
+    words += numbers
+    descriptor = np.zeros(_DESCRIPTOR_WORDS, dtype=np.int64)
+    descriptor[: len(words)] = words
+    address = descriptor.ctypes.data
+    descriptor[0] = address + 8 * (_DESCRIPTOR_WORDS - 1)  # the chunk counter: the last word
+    _parallel.run_openmp(task.address, address, max(1, min(_parallel.num_threads(), chunks)))
+
+
+#: Words of a task's descriptor: the longest (``_backward_blocks_task``) reads 36, and the last
+#: word counts the chunks claimed.
+_DESCRIPTOR_WORDS = 40
+
+
+def _dense_numpy(t: torch.Tensor) -> np.ndarray:
+    """A dense tensor's memory as a 1-D numpy array (for ``run_chunked``'s kernels)."""
+    return t.detach().as_strided((t.numel(),), (1,)).numpy()
 
 
 def _tiles(batch, out_h, out_w, bytes_per_position, budget):
@@ -1997,62 +2033,73 @@ def _unpadding(geo) -> np.ndarray:
                      row, row + channels], dtype=np.int64)  # fmt: skip
 
 
-def _padded(input: torch.Tensor, geo) -> torch.Tensor:
+def _padded(input: torch.Tensor, geo, channels_last: bool) -> torch.Tensor:
     """The input channels last with a border of zeros: [N, H + 3, W + 2, C], pixel (y, x) at
     (y + 1, x + 1). Every bilinear corner of a sample inside (-1, H) x (-1, W) is in it, so the
     kernels read corners without bounds checks; rows H + 1 and H + 2 are a block of zeros that
-    samples outside the band point at (``_taps``)."""
+    samples outside the band point at (``_taps``). ``channels_last``: the input's layout
+    (``_is_channels_last``), read as it is in memory."""
     batch, channels, height, width = input.shape
-    input = input.detach()
-    channels_last = _is_channels_last(input)
-    if channels_last:
-        flat = input.permute(0, 2, 3, 1).numpy().reshape(-1)
-    else:
-        flat = input.contiguous().numpy().reshape(-1)
     pad = _buffer("pad", (batch, height + 3, width + 2, channels), input.dtype)
-    _run(_pad_rows, num_chunks(batch * (height + 3), pad.numel(), per_thread=1), flat,
-                channels_last, pad.numpy().reshape(-1), geo)  # fmt: skip
+    _run(_pad_rows, num_chunks(batch * (height + 3), pad.numel(), per_thread=1),
+         input if channels_last else input.contiguous(), channels_last, pad, geo)  # fmt: skip
     return pad
 
 
+#: The shapes of a _Problem by its call's key (``_Problem.statics``), bounded.
+_statics: dict = {}
+
+
 class _Problem:
-    """Shapes and flat numpy views shared by the forward and backward of one call; its tiles
-    hold at most ``budget`` bytes of samples (within ``TILE_BYTES``) and ``max_positions``
-    positions."""
+    """Shapes and flat views shared by the forward and backward of one call; its tiles hold at
+    most ``budget`` bytes of samples (within ``TILE_BYTES``) and ``max_positions`` positions."""
 
     def __init__(self, input, offset, weight, stride, padding, dilation, mask, budget=None,
                  max_positions=None):  # fmt: skip
+        channels_last = _is_channels_last(input)
+        key = (input.shape, input.dtype, channels_last, weight.shape, offset.shape, *stride,
+               *padding, *dilation, budget, max_positions, TILE_BYTES)  # fmt: skip
+        statics = _statics.get(key)
+        if statics is None:
+            if len(_statics) >= 256:
+                _statics.clear()
+            statics = _statics[key] = self.statics(input, offset, weight, stride, padding,
+                                                   dilation, budget, max_positions)  # fmt: skip
+        self.__dict__.update(statics)
+        self.pad = _padded(input, self.geo, channels_last)
+        off = offset.contiguous()
+        msk = mask.contiguous() if mask is not None else off
+        self.sources = (self.pad, off, msk, mask is not None)
+
+    @staticmethod
+    def statics(input, offset, weight, stride, padding, dilation, budget, max_positions) -> dict:
+        """The attributes that follow from the call's shapes, dtype, layout and arguments alone
+        (kept between calls: computing them took 15-20 us of a 1 ms call): sizes, ``geo`` and
+        ``runs`` (the kernels' int64 arguments, shared: never written), ``tiles``."""
         batch, channels, height, width = input.shape
-        self.out_channels, self.cw, self.kh, self.kw = weight.shape
-        self.out_h, self.out_w = offset.shape[-2:]
-        self.taps = self.kh * self.kw
-        self.channels = channels
-        self.weight_groups = channels // self.cw
-        self.dtype = input.dtype
-        self.channels_last = _is_channels_last(input)
-        groups = offset.shape[1] // (2 * self.taps)
-        self.offset_groups = groups
-        self.runs = _channel_runs(channels, groups, self.cw)
-        self.geo = np.array([batch, height, width, channels, self.out_h, self.out_w, groups,
-                             self.kh, self.kw, *stride, *padding, *dilation, self.cw],
-                            dtype=np.int64)  # fmt: skip
-        self.pad = _padded(input, self.geo)
-        off = offset.detach().contiguous().numpy().reshape(-1)
-        msk = mask.detach().contiguous().numpy().reshape(-1) if mask is not None else off
-        self.sources = (self.pad.numpy().reshape(-1), off, msk, mask is not None)
+        out_channels, cw, kh, kw = weight.shape
+        out_h, out_w = offset.shape[-2:]
+        taps = kh * kw
+        groups = offset.shape[1] // (2 * taps)
+        geo = np.array([batch, height, width, channels, out_h, out_w, groups, kh, kw, *stride,
+                        *padding, *dilation, cw], dtype=np.int64)  # fmt: skip
         budget = TILE_BYTES if budget is None else min(budget, TILE_BYTES)
-        bytes_per_position = self.taps * channels * input.element_size()
+        bytes_per_position = taps * channels * input.element_size()
         if max_positions is not None:
             budget = min(budget, max_positions * bytes_per_position)
-        self.tiles = list(_tiles(batch, self.out_h, self.out_w, bytes_per_position, budget))
+        return dict(out_channels=out_channels, cw=cw, kh=kh, kw=kw, out_h=out_h, out_w=out_w,
+                    taps=taps, channels=channels, weight_groups=channels // cw,
+                    dtype=input.dtype, channels_last=_is_channels_last(input),
+                    offset_groups=groups, runs=_channel_runs(channels, groups, cw), geo=geo,
+                    tiles=tuple(_tiles(batch, out_h, out_w, bytes_per_position, budget)))
 
     def sample(self, tile, shape, layout):
         """Samples of one tile into a reused buffer of ``shape``, laid out as ``layout``."""
         numel = math.prod(shape)
-        out = _scratch("samples", numel, self.dtype)
+        out = _scratch("samples", numel, self.dtype, shape)
         _run(_sample, num_chunks(_block_count(tile), numel), *self.sources, self.geo, self.runs,
-                    np.array(tile, dtype=np.int64), layout, out.numpy())  # fmt: skip
-        return out.view(shape)
+                    np.array(tile, dtype=np.int64), layout, out)  # fmt: skip
+        return out
 
     def column_layout(self, tile):
         """Layout of cols[P, wg, kh*kw*cw], P = the tile's positions (n, row, column)."""
@@ -2097,7 +2144,7 @@ class _Problem:
         dims = np.array([self.taps, 1, self.cw, 0, 0, 0, self.out_channels, 1, self.cw, k, k, 0],
                         dtype=np.int64)  # fmt: skip
         _run(_rows_to_nchw, num_chunks(self.out_channels, weight.numel(), per_thread=1),
-             weight.numpy().reshape(-1), out.numpy().reshape(-1), dims)  # fmt: skip
+             weight, out, dims)  # fmt: skip
         return out
 
 
@@ -2114,7 +2161,7 @@ def _channel_major(p: _Problem, weight) -> bool:
     2.4 MB weight)."""
     if COLUMN_ORDER != "auto":
         return COLUMN_ORDER == "channel"
-    if weight.permute(0, 2, 3, 1).is_contiguous():  # a channels-last weight: tap major is free
+    if weight.is_contiguous(memory_format=torch.channels_last):  # tap major is free
         return False
     positions = max((t[3] * t[4] * t[5] for t in p.tiles), default=0)
     return 2 * p.out_channels >= positions
@@ -2253,11 +2300,10 @@ def _forward_by_blocks(p: _Problem, w, b, shape, memory_format):
     if out.numel() == 0:
         return out
     tile = np.array([0, 0, 0, shape[0], p.out_h, p.out_w], dtype=np.int64)
-    w_mat = p.weight_rows(w).numpy().reshape(-1)
-    bias = b.contiguous().numpy() if b is not None else np.empty(0, dtype=w_mat.dtype)
-    flat = (out.permute(0, 2, 3, 1) if p.channels_last else out).numpy().reshape(-1)
-    _run(_forward_blocks, num_chunks(_block_count(tile), out.numel() * w_mat.size),
-         *p.sources, p.geo, p.runs, tile, p.column_layout(tile), w_mat, bias, b is not None, flat,
+    w_mat = p.weight_rows(w)
+    bias = b.contiguous() if b is not None else w_mat[:0, 0, 0]
+    _run(_forward_blocks, num_chunks(_block_count(tile), out.numel() * w_mat.numel()),
+         *p.sources, p.geo, p.runs, tile, p.column_layout(tile), w_mat, bias, b is not None, out,
          p.channels_last, _MKL)  # fmt: skip
     return out
 
@@ -2277,7 +2323,8 @@ def forward(input, offset, weight, bias, stride, padding, dilation, mask):
     w_mat = w.reshape(wg, cog, p.cw * p.taps).contiguous() if channel_major else p.weight_rows(w)
     # _gemm's operand, transposed once for all tiles (not used where oneDNN runs)
     w_t = [None] * wg if _onednn(w_mat, w_mat.shape[2]) else w_mat.transpose(1, 2).contiguous()
-    biases = [None if b is None else b[gw * cog : (gw + 1) * cog] for gw in range(wg)]
+    biases = [b] if wg == 1 else [None if b is None else b[gw * cog : (gw + 1) * cog]
+                                  for gw in range(wg)]  # fmt: skip
     out = None
     for tile in p.tiles:
         n0, r0, c0, nb, rb, wb = tile
@@ -2290,7 +2337,7 @@ def forward(input, offset, weight, bias, stride, padding, dilation, mask):
             dims = np.array([cout, p.out_h, p.out_w, *tile, rb * wb * cout, wb * cout, 0],
                             dtype=np.int64)  # fmt: skip
             _run(_rows_to_nchw, num_chunks(nb * rb, res.numel(), per_thread=1),
-                 res.numpy().reshape(-1), out.numpy().reshape(-1), dims)  # fmt: skip
+                 res, out, dims)  # fmt: skip
             continue
         res = res.view(nb, rb, wb, cout).permute(0, 3, 1, 2)
         if len(p.tiles) == 1:

@@ -156,10 +156,11 @@ def openmp_available() -> bool:
     return _torch_openmp() is not None
 
 
-def run_openmp(task_address: int, descriptor, threads: int) -> None:
-    """Run a numba ``cfunc`` ``task(descriptor)`` on ``threads`` of torch's OpenMP threads.
+def run_openmp(task_address: int, descriptor: int, threads: int) -> None:
+    """Run a numba ``cfunc`` ``task(descriptor)`` on ``threads`` (>= 1) of torch's OpenMP
+    threads; ``descriptor`` is the address of the task's arguments.
 
     The task claims chunks from a counter in the descriptor (atomically), so the partition is
     the caller's, whatever thread runs which chunk. ctypes releases the GIL for the call.
     """
-    _torch_openmp()(task_address, descriptor.ctypes.data, threads, 0)
+    _torch_openmp()(task_address, descriptor, threads, 0)
