@@ -154,3 +154,78 @@ def test_the_op_runs_where_something_needs_it(direct_calls):
     traced = torch.jit.trace(lambda x: call([x, *plain[1:]]), plain[0], check_trace=False)
     assert "deformable::deform_conv2d" in str(traced.graph)
     assert len(direct_calls) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Checked calls: a call whose arguments passed the checks is kept by its key, and the same call
+# again skips them; anything the checks depend on makes another key.
+
+
+@pytest.fixture
+def checks(monkeypatch):
+    """How many times deform_conv2d ran its argument checks, from an empty memory of calls."""
+    from deformable.ops import deform_conv
+
+    calls = []
+    check = deform_conv._check_arguments
+
+    def spy(*args):
+        calls.append(1)
+        return check(*args)
+
+    monkeypatch.setattr(deform_conv, "_check_arguments", spy)
+    monkeypatch.setattr(deform_conv, "_checked", {})
+    return calls
+
+
+def test_a_repeated_call_skips_the_checks_it_passed(checks):
+    x, offset, weight, b, mask = tensors = example()
+    first = call(tensors)
+    assert torch.equal(call(tensors), first) and len(checks) == 1
+    assert torch.equal(deform_conv2d(x, offset, weight, b, 1, 1, 1, mask), first)
+    assert len(checks) == 1  # the same arguments, given by position
+    assert torch.equal(deform_conv2d(x, offset, weight, b, (1, 1), 1, (1, 1), mask), first)
+    assert len(checks) == 2  # pairs: another key, checked once
+    assert torch.equal(deform_conv2d(x, offset, weight, b, (1, 1), 1, (1, 1), mask), first)
+    assert len(checks) == 2
+    as_lists = dict(stride=[1, 1], padding=[1, 1], dilation=[1, 1])  # lists are never kept
+    for _ in range(2):
+        assert torch.equal(deform_conv2d(x, offset, weight, b, mask=mask, **as_lists), first)
+    assert len(checks) == 4
+    doubles = [t.double() for t in tensors]
+    assert_close(call(doubles), first.double(), torch.float32)
+    assert len(checks) == 5
+
+
+def test_what_the_checks_depend_on_is_checked_again(checks):
+    x, offset, weight, b, mask = tensors = example()
+    call(tensors)
+    with pytest.raises(TypeError, match="padding"):  # True equals 1 but is not an int here
+        deform_conv2d(x, offset, weight, b, padding=True, mask=mask)
+    with pytest.raises(TypeError, match="padding"):
+        deform_conv2d(x, offset, weight, b, padding=(True, 1), mask=mask)
+    with pytest.raises(ValueError, match="offset must be"):
+        deform_conv2d(x, offset, weight, b, padding=2, mask=mask)  # another output size
+    with pytest.raises(ValueError, match="mask must be"):
+        deform_conv2d(x, offset, weight, b, padding=1, mask=mask[:, :9])
+    with pytest.raises(TypeError, match="dtype"):
+        deform_conv2d(x, offset.double(), weight, b, padding=1, mask=mask)
+    with pytest.raises(ValueError, match="bias"):
+        deform_conv2d(x, offset, weight, b[:3], padding=1, mask=mask)
+    with pytest.raises(TypeError, match="offset must be a Tensor"):
+        deform_conv2d(x, offset.numpy(), weight, b, padding=1, mask=mask)
+    for _ in range(2):  # under autocast the tensors are cast first: never kept
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert call(tensors).dtype == torch.bfloat16
+    assert len(checks) == 1 + 5 + 2  # (the pairs are refused before the checks)
+
+
+def test_the_kept_calls_are_bounded(checks):
+    from deformable.ops import deform_conv
+
+    weight = torch.randn(2, 1, 1, 1)
+    for width in range(1, 301):
+        x = torch.randn(1, 1, 1, width)
+        deform_conv2d(x, torch.zeros(1, 2, 1, width), weight)
+        assert len(deform_conv._checked) <= 256
+    assert len(checks) == 300
