@@ -63,8 +63,11 @@ def direct_call(*tensors) -> bool:
     if torch._C._are_functorch_transforms_active() or torch._C._autograd._profiler_enabled():
         return False
     grad = torch.is_grad_enabled()
-    return all(t is None or (type(t) in _PLAIN and t.device.type in ("cpu", "cuda")
-                             and not (grad and t.requires_grad)) for t in tensors)  # fmt: skip
+    for t in tensors:
+        if t is not None and (type(t) not in _PLAIN or t.device.type not in ("cpu", "cuda")
+                              or (grad and t.requires_grad)):  # fmt: skip
+            return False
+    return True
 
 
 def autocast_dtype(*tensors) -> torch.dtype | None:

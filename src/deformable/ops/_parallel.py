@@ -124,6 +124,8 @@ def _torch_openmp():
     wheels ship): a second OpenMP runtime in the process would have its own threads.
     """
     global _openmp_parallel
+    if _openmp_parallel is not None:  # looked up already (False: there is none)
+        return _openmp_parallel or None
     with _openmp_lock:
         if _openmp_parallel is None:
             _openmp_parallel = False

@@ -258,7 +258,7 @@ def _forward_reference(input, offset, weight, bias, stride, padding, dilation, m
 def _forward_numba(input, offset, weight, bias, stride, padding, dilation, mask):
     (input, offset, weight, bias, mask), dtype = upcast(input, offset, weight, bias, mask)
     out = _deform_conv_cpu.forward(input, offset, weight, bias, stride, padding, dilation, mask)
-    return out.to(dtype)
+    return out if out.dtype == dtype else out.to(dtype)
 
 
 def _forward_triton(input, offset, weight, bias, stride, padding, dilation, mask):
