@@ -728,3 +728,32 @@ def test_problem_shapes_kept_by_the_calls_key(monkeypatch):
     assert len(others[2].tiles) > len(first.tiles) and len(others[3].tiles) > len(first.tiles)
     monkeypatch.setattr(_deform_conv_cpu, "TILE_BYTES", 4096)
     assert make_problem(x, offset, weight, *geometry, None).tiles == others[2].tiles
+
+
+def test_forward_plan_follows_every_setting_it_reads(monkeypatch):
+    """The forward's plan is kept by the call's key and the settings its decisions read: each
+    setting changed between two calls gives the plan a fresh one would."""
+    module = _deform_conv_cpu
+    monkeypatch.setattr(module, "_forward_plans", {})
+    x, offset = torch.randn(2, 16, 12, 12), torch.randn(2, 18, 12, 12)
+    weight = torch.randn(16, 16, 3, 3)
+    p = module._Problem(x, offset, weight, (1, 1), (1, 1), (1, 1), None)
+
+    def fresh(w):
+        channel_major = module._channel_major(p, w)
+        return module._by_blocks(p, channel_major), channel_major
+
+    settings = [("FORWARD_GEMM", "tiles"), ("FORWARD_GEMM", "blocks"), ("COLUMN_ORDER", "channel"),
+                ("COLUMN_ORDER", "tap"), ("BLOCK_BYTES", 0), ("_INTEL", not module._INTEL),
+                ("_MKL", None)]  # fmt: skip
+    seen = set()
+    for name, value in [(None, None)] + settings:
+        with monkeypatch.context() as m:
+            if name is not None:
+                m.setattr(module, name, value)
+            for w in (weight, weight.contiguous(memory_format=torch.channels_last)):
+                plan = module._forward_plan(p, w)
+                assert plan[:2] == fresh(w), (name, value)
+                assert module._forward_plan(p, w) is plan
+                seen.add(plan[:2])
+    assert len(seen) >= 3  # the settings did change the decisions

@@ -2066,6 +2066,7 @@ class _Problem:
             statics = _statics[key] = self.statics(input, offset, weight, stride, padding,
                                                    dilation, budget, max_positions)  # fmt: skip
         self.__dict__.update(statics)
+        self.key = key
         self.pad = _padded(input, self.geo, channels_last)
         off = offset.contiguous()
         msk = mask.contiguous() if mask is not None else off
@@ -2093,12 +2094,16 @@ class _Problem:
                     offset_groups=groups, runs=_channel_runs(channels, groups, cw), geo=geo,
                     tiles=tuple(_tiles(batch, out_h, out_w, bytes_per_position, budget)))
 
-    def sample(self, tile, shape, layout):
-        """Samples of one tile into a reused buffer of ``shape``, laid out as ``layout``."""
+    def sample(self, tile, shape, layout, blocks=None):
+        """Samples of one tile into a reused buffer of ``shape``, laid out as ``layout``;
+        ``tile`` as a tuple or as the kernels' int64 array, and then ``blocks``, its
+        ``_block_count``."""
         numel = math.prod(shape)
         out = _scratch("samples", numel, self.dtype, shape)
-        _run(_sample, num_chunks(_block_count(tile), numel), *self.sources, self.geo, self.runs,
-                    np.array(tile, dtype=np.int64), layout, out)  # fmt: skip
+        if blocks is None:
+            blocks, tile = _block_count(tile), np.array(tile, dtype=np.int64)
+        _run(_sample, num_chunks(blocks, numel), *self.sources, self.geo, self.runs, tile, layout,
+             out)  # fmt: skip
         return out
 
     def column_layout(self, tile):
@@ -2116,13 +2121,17 @@ class _Problem:
         """The tile's column matrix of each weight group, contiguous: cols[wg, P, kh*kw*cw], a
         row (tap, channel) in ``weight.permute(0, 2, 3, 1)``'s order, or with ``channel_major``
         (channel, tap), ``weight``'s own order (then the weight needs no reordering)."""
+        return self.sample(tile, *self.group_layout(tile, channel_major))
+
+    def group_layout(self, tile, channel_major):
+        """``group_columns``' shape and layout."""
         nb, rb, wb = tile[3:]
         positions, k, cw = nb * rb * wb, self.taps, self.cw
         if channel_major:
             layout = [wb * k * cw, k * cw, self.kw, 1, positions * k * cw, k]
         else:
             layout = [wb * k * cw, k * cw, self.kw * cw, cw, positions * k * cw, 1]
-        return self.sample(tile, (self.weight_groups, positions, k * cw), np.array(layout, np.int64))
+        return (self.weight_groups, positions, k * cw), np.array(layout, np.int64)
 
     def weight_matrix(self, weight):
         """The weight as [wg, Cout/wg, kh*kw*cw], matching the column layout (a view)."""
@@ -2294,18 +2303,52 @@ def _by_blocks(p: _Problem, channel_major: bool) -> bool:
     return _INTEL and positions * p.taps * p.channels * p.pad.element_size() <= BLOCK_BYTES
 
 
-def _forward_by_blocks(p: _Problem, w, b, shape, memory_format):
-    """The forward by ``_forward_blocks``: the whole batch one tile, split in its blocks."""
+def _forward_by_blocks(p: _Problem, w, b, shape, memory_format, step):
+    """The forward by ``_forward_blocks``: the whole batch one tile (``step``, the plan's),
+    split in its blocks."""
     out = torch.empty(shape, dtype=p.dtype, memory_format=memory_format)
     if out.numel() == 0:
         return out
-    tile = np.array([0, 0, 0, shape[0], p.out_h, p.out_w], dtype=np.int64)
+    tile, layout, blocks = step
     w_mat = p.weight_rows(w)
     bias = b.contiguous() if b is not None else w_mat[:0, 0, 0]
-    _run(_forward_blocks, num_chunks(_block_count(tile), out.numel() * w_mat.numel()),
-         *p.sources, p.geo, p.runs, tile, p.column_layout(tile), w_mat, bias, b is not None, out,
-         p.channels_last, _MKL)  # fmt: skip
+    _run(_forward_blocks, num_chunks(blocks, out.numel() * w_mat.numel()), *p.sources, p.geo,
+         p.runs, tile, layout, w_mat, bias, b is not None, out, p.channels_last, _MKL)  # fmt: skip
     return out
+
+
+#: The forward's plans by their keys (``_forward_plan``), bounded.
+_forward_plans: dict = {}
+
+
+def _forward_plan(p: _Problem, weight):
+    """The forward's decisions for ``p`` and ``weight`` and its kernels' int64 arguments: (by
+    blocks, channel major, steps), a step (tile, its int64 array, columns' shape, layout,
+    blocks, ``_rows_to_nchw``'s dims) per tile, or (tile array, layout, blocks) by blocks.
+    Kept by the call's key and every setting the decisions read (they cost 20-30 us of a batch-1
+    layer's call where it runs cold: numpy arrays, numba dispatches, the decisions' Python)."""
+    key = (p.key, weight.is_contiguous(memory_format=torch.channels_last), COLUMN_ORDER,
+           FORWARD_GEMM, BLOCK_BYTES, _INTEL, _MKL is None)  # fmt: skip
+    plan = _forward_plans.get(key)
+    if plan is not None:
+        return plan
+    channel_major = _channel_major(p, weight)
+    if _by_blocks(p, channel_major):
+        tile = np.array([0, 0, 0, p.geo[_BATCH], p.out_h, p.out_w], dtype=np.int64)
+        plan = (True, channel_major, (tile, p.column_layout(tile), _block_count(tile)))
+    else:
+        steps, cout = [], p.out_channels
+        for tile in p.tiles:
+            n0, r0, c0, nb, rb, wb = tile
+            dims = np.array([cout, p.out_h, p.out_w, *tile, rb * wb * cout, wb * cout, 0],
+                            dtype=np.int64)  # fmt: skip
+            steps.append((tile, np.array(tile, dtype=np.int64),
+                          *p.group_layout(tile, channel_major), _block_count(tile), dims))
+        plan = (False, channel_major, steps)
+    if len(_forward_plans) >= 256:
+        _forward_plans.clear()
+    _forward_plans[key] = plan
+    return plan
 
 
 def forward(input, offset, weight, bias, stride, padding, dilation, mask):
@@ -2317,30 +2360,27 @@ def forward(input, offset, weight, bias, stride, padding, dilation, mask):
     w = weight.detach()
     b = bias.detach() if bias is not None else None
     wg, cog = p.weight_groups, cout // p.weight_groups
-    channel_major = _channel_major(p, w)
-    if _by_blocks(p, channel_major):
-        return _forward_by_blocks(p, w, b, shape, memory_format)
+    by_blocks, channel_major, steps = _forward_plan(p, w)
+    if by_blocks:
+        return _forward_by_blocks(p, w, b, shape, memory_format, steps)
     w_mat = w.reshape(wg, cog, p.cw * p.taps).contiguous() if channel_major else p.weight_rows(w)
     # _gemm's operand, transposed once for all tiles (not used where oneDNN runs)
     w_t = [None] * wg if _onednn(w_mat, w_mat.shape[2]) else w_mat.transpose(1, 2).contiguous()
     biases = [b] if wg == 1 else [None if b is None else b[gw * cog : (gw + 1) * cog]
                                   for gw in range(wg)]  # fmt: skip
     out = None
-    for tile in p.tiles:
+    for tile, tile_np, cols_shape, layout, blocks, dims in steps:
         n0, r0, c0, nb, rb, wb = tile
-        cols = p.group_columns(tile, channel_major)
+        cols = p.sample(tile_np, cols_shape, layout, blocks)
         parts = [_matmul(cols[gw], w_mat[gw], w_t[gw], biases[gw]) for gw in range(wg)]
         res = parts[0] if wg == 1 else torch.cat(parts, dim=1)
         if not p.channels_last:  # into NCHW by a blocked transpose, not torch's permuted copy
             if out is None:
                 out = torch.empty(shape, dtype=p.dtype)
-            dims = np.array([cout, p.out_h, p.out_w, *tile, rb * wb * cout, wb * cout, 0],
-                            dtype=np.int64)  # fmt: skip
-            _run(_rows_to_nchw, num_chunks(nb * rb, res.numel(), per_thread=1),
-                 res, out, dims)  # fmt: skip
+            _run(_rows_to_nchw, num_chunks(nb * rb, res.numel(), per_thread=1), res, out, dims)
             continue
         res = res.view(nb, rb, wb, cout).permute(0, 3, 1, 2)
-        if len(p.tiles) == 1:
+        if len(steps) == 1:
             return res.contiguous(memory_format=memory_format)
         if out is None:
             out = torch.empty(shape, dtype=p.dtype, memory_format=memory_format)
