@@ -86,18 +86,19 @@ def test_export_captures_one_node():
 
 @pytest.fixture
 def direct_calls(monkeypatch):
-    """How many times deform_conv2d called the kernel itself (the op calls the one it was
-    registered with, not the module attribute this spy replaces)."""
+    """How many times deform_conv2d called the kernel itself (``_direct``; the op calls the
+    kernel it was registered with), from an empty memory of checked calls."""
     from deformable.ops import deform_conv
 
     calls = []
-    kernel = deform_conv._forward
+    kernel = deform_conv._direct
 
     def spy(*args):
         calls.append(1)
         return kernel(*args)
 
-    monkeypatch.setattr(deform_conv, "_forward", spy)
+    monkeypatch.setattr(deform_conv, "_direct", spy)
+    monkeypatch.setattr(deform_conv, "_checked", {})
     return calls
 
 
@@ -112,9 +113,11 @@ def test_direct_call_without_gradients_same_bits_as_the_op(direct_calls):
     assert direct_calls == []
     assert torch.equal(call(tensors), via_op)  # nothing needs a gradient
     assert len(direct_calls) == 1
+    assert torch.equal(call(tensors), via_op)  # again: a kept call, the numba forward itself
+    assert len(direct_calls) == 2
     with torch.no_grad():  # a layer's Parameter under no_grad
         assert torch.equal(call([x, offset, torch.nn.Parameter(weight), b, mask]), via_op)
-    assert len(direct_calls) == 2
+    assert len(direct_calls) == 3
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::torch.jit.TracerWarning",
@@ -229,3 +232,36 @@ def test_the_kept_calls_are_bounded(checks):
         deform_conv2d(x, torch.zeros(1, 2, 1, width), weight)
         assert len(deform_conv._checked) <= 256
     assert len(checks) == 300
+
+
+def test_a_kept_call_still_follows_the_kernel_choice(checks, monkeypatch):
+    """A kept call of CPU float32 / float64 tensors runs the numba forward directly, unless
+    another kernel set is asked for (``use_kernels``, ``DEFORMABLE_KERNELS``); other dtypes go
+    through the kernel selection (float16 and bfloat16 computed in float32)."""
+    from deformable.ops import _deform_conv_cpu, reference, use_kernels
+
+    ran = []
+
+    def spy(name, function):
+        def counted(*args):
+            ran.append(name)
+            return function(*args)
+
+        return counted
+
+    monkeypatch.setattr(_deform_conv_cpu, "forward", spy("numba", _deform_conv_cpu.forward))
+    monkeypatch.setattr(reference, "deform_conv2d", spy("reference", reference.deform_conv2d))
+    tensors = example()
+    first = call(tensors)
+    assert torch.equal(call(tensors), first) and ran == ["numba", "numba"]
+    with use_kernels("reference"):
+        assert_close(call(tensors), first)
+    assert ran[2:] == ["reference"]
+    monkeypatch.setenv("DEFORMABLE_KERNELS", "reference")
+    assert_close(call(tensors), first)
+    assert ran[3:] == ["reference"]
+    monkeypatch.delenv("DEFORMABLE_KERNELS")
+    halves = [t.bfloat16() for t in tensors]
+    results = [call(halves) for _ in range(2)]
+    assert all(r.dtype == torch.bfloat16 for r in results) and torch.equal(*results)
+    assert ran[4:] == ["numba", "numba"] and len(checks) == 2

@@ -96,30 +96,49 @@ def deform_conv2d(
         True
     """
     key = _call_key(input, offset, weight, bias, mask, stride, padding, dilation)
-    arguments = _checked.get(key) if key is not None else None
-    if arguments is None:
-        stride = pair(stride, "stride", minimum=1)
-        padding = pair(padding, "padding", minimum=0)
-        dilation = pair(dilation, "dilation", minimum=1)
-        dtype = autocast_dtype(input, offset, weight, bias, mask)
-        if dtype is not None:  # under autocast a convolution runs in the autocast dtype
-            input, offset, weight, bias, mask = cast_floating(dtype, input, offset, weight, bias,
-                                                              mask)  # fmt: skip
-        _check_arguments(input, offset, weight, bias, stride, padding, dilation, mask)
-        arguments = (list(stride), list(padding), list(dilation))
-        if key is not None:
-            if len(_checked) >= 256:
-                _checked.clear()
-            _checked[key] = arguments
-    if direct_call(input, offset, weight, bias, mask):  # the op's own kernel, minus its dispatch
-        return _forward(input, offset, weight, bias, *arguments, mask)
+    known = _checked.get(key) if key is not None else None
+    if known is not None:  # checked before, and not under torch.compile
+        arguments, native = known
+        if direct_call(input, offset, weight, bias, mask, eager=True):
+            return _direct(input, offset, weight, bias, *arguments, mask, native)
+        return torch.ops.deformable.deform_conv2d(input, offset, weight, bias, *arguments, mask)
+    stride = pair(stride, "stride", minimum=1)
+    padding = pair(padding, "padding", minimum=0)
+    dilation = pair(dilation, "dilation", minimum=1)
+    dtype = autocast_dtype(input, offset, weight, bias, mask)
+    if dtype is not None:  # under autocast a convolution runs in the autocast dtype, as F.conv2d
+        input, offset, weight, bias, mask = cast_floating(dtype, input, offset, weight, bias, mask)
+    _check_arguments(input, offset, weight, bias, stride, padding, dilation, mask)
+    arguments = (list(stride), list(padding), list(dilation))
+    # CPU tensors the numba kernels take as they are (no upcast, no cast back)
+    native = input.device.type == "cpu" and input.dtype in (torch.float32, torch.float64)
+    if key is not None:
+        if len(_checked) >= 256:
+            _checked.clear()
+        _checked[key] = (arguments, native)
+    if direct_call(input, offset, weight, bias, mask):
+        return _direct(input, offset, weight, bias, *arguments, mask, native)
     return torch.ops.deformable.deform_conv2d(input, offset, weight, bias, *arguments, mask)
 
 
-#: (stride, padding, dilation) as the kernels take them, by the key (``_call_key``) of a call
-#: whose arguments passed the checks: the same call again skips them (with the Python around
-#: them 20-40 us of a 1 ms call), bounded.
+def _direct(input, offset, weight, bias, stride, padding, dilation, mask, native: bool):
+    """The op's own kernel, minus its dispatch (``direct_call``); for ``native`` tensors (CPU,
+    float32 or float64) the numba forward itself where it is the one :func:`kernels.select` would
+    pick, without the selection's Python."""
+    if native and kernels.requested() in _NUMBA:
+        return _deform_conv_cpu.forward(input, offset, weight, bias, stride, padding, dilation,
+                                        mask)  # fmt: skip
+    return _forward(input, offset, weight, bias, stride, padding, dilation, mask)
+
+
+#: ((stride, padding, dilation) as the kernels take them, whether they are CPU tensors of a dtype
+#: the numba kernels run natively) by the key (``_call_key``) of a call whose arguments passed
+#: the checks: the same call again skips them (with the Python around them 20-40 us of a 1 ms
+#: call), bounded.
 _checked: dict = {}
+
+#: What :func:`deformable.ops.kernels.requested` says where CPU tensors run the numba kernels.
+_NUMBA = ("auto", "numba")
 
 
 def _call_key(input, offset, weight, bias, mask, stride, padding, dilation):
