@@ -689,7 +689,8 @@ def test_block_grid_splits_rows_evenly(nb, rb, wb):
                          [(128, 128, 3, 3, 1, False), (64, 32, 5, 5, 2, False),
                           (7, 3, 3, 2, 1, False), (16, 8, 1, 1, 1, False), (12, 4, 3, 3, 3, True)])
 def test_weight_rows_are_the_weight_matrix(cout, cin, kh, kw, groups, channels_last, dtype):
-    """The forward's contiguous weight matrix, reordered by a kernel, is torch's permuted copy."""
+    """The forward's contiguous weight matrix, reordered by a kernel, is torch's permuted copy;
+    ``weight_gradient`` takes such a matrix back to the weight's shape and order."""
     x = torch.randn(1, cin * groups, 9, 9, dtype=dtype)
     w = torch.randn(cout, cin, kh, kw, dtype=dtype)
     if channels_last:
@@ -698,6 +699,10 @@ def test_weight_rows_are_the_weight_matrix(cout, cin, kh, kw, groups, channels_l
     p = _deform_conv_cpu._Problem(x, offset, w, (1, 1), (0, 0), (1, 1), None)
     rows = p.weight_rows(w)
     assert rows.is_contiguous() and torch.equal(rows, p.weight_matrix(w))
+    # the weight gradient's way back (a contiguous matrix by the kernel, a view by torch)
+    for matrix in (rows, rows.transpose(1, 2).contiguous().transpose(1, 2)):
+        back = p.weight_gradient(matrix)
+        assert back.is_contiguous() and torch.equal(back, w)
 
 
 def test_problem_shapes_kept_by_the_calls_key(monkeypatch):
