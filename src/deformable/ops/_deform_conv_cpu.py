@@ -2430,7 +2430,7 @@ def _grad_samples(g, w_mat, shape):
     2x64x56x56: 3700 faults and a quarter of the forward+backward time)."""
     wg, cog = w_mat.shape[:2]
     if g.dtype == torch.float32 and cog <= BLAS_MAX_REDUCTION:
-        gc = _scratch("grad_samples", math.prod(shape), g.dtype).view(shape)
+        gc = _scratch("grad_samples", math.prod(shape), g.dtype, shape)
         for gw in range(wg):
             torch.mm(g[:, gw * cog : (gw + 1) * cog], w_mat[gw], out=gc[:, gw])
         return gc
@@ -2471,8 +2471,7 @@ def _blocks_operands(p: _Problem, grad_out, w_mat):
     ``w_mat`` (``_Problem.weight_rows``), dL/dout flat in its own memory format, and whether
     that format is channels last. Made once a call."""
     grad_channels_last = _is_channels_last(grad_out)
-    flat = grad_out.permute(0, 2, 3, 1) if grad_channels_last else grad_out.contiguous()
-    return w_mat, flat.numpy().reshape(-1), grad_channels_last
+    return w_mat, grad_out if grad_channels_last else grad_out.contiguous(), grad_channels_last
 
 
 def _backward_blocks_run(p: _Problem, operands, need, grad_offset, grad_mask, grad_pad):
@@ -2482,11 +2481,10 @@ def _backward_blocks_run(p: _Problem, operands, need, grad_offset, grad_mask, gr
     w_mat, grad_out, grad_channels_last = operands
     tile = np.array([0, 0, 0, p.geo[_BATCH], p.out_h, p.out_w], dtype=np.int64)
     parts = torch.zeros((BACKWARD_SEGMENTS if need_weight else 0, *w_mat.shape), dtype=p.dtype)
-    no_input = np.empty(0, dtype=parts.numpy().dtype)
+    no_input = parts.new_empty(0)
     _run(_backward_blocks, BACKWARD_SEGMENTS, *p.sources, p.geo, p.runs, tile,
-         p.column_layout(tile), w_mat.numpy().reshape(-1), grad_out, grad_channels_last,
-         need_weight, need_input, grad_offset.numpy().reshape(-1), grad_mask.numpy().reshape(-1),
-         grad_pad.numpy().reshape(-1) if need_input else no_input, parts.numpy().reshape(-1),
+         p.column_layout(tile), w_mat, grad_out, grad_channels_last, need_weight, need_input,
+         grad_offset, grad_mask, grad_pad if need_input else no_input, parts,
          _MKL)  # fmt: skip
     if not need_weight:
         return None
@@ -2510,13 +2508,11 @@ def _backward_tile_by_blocks(p: _Problem, tile, operands, need, grad_offset, gra
     tile_np, layout = np.array(tile, dtype=np.int64), p.column_layout(tile)
     item_rows = np.empty(2 * nb * rb, dtype=np.int64)
     _run(_backward_blocks_taps, BACKWARD_SEGMENTS, *p.sources, p.geo, p.runs, tile_np, layout,
-         w_mat.numpy().reshape(-1), grad_out, grad_channels_last, need_weight, gc.numpy(),
-         grad_offset.numpy().reshape(-1), grad_mask.numpy().reshape(-1), item_rows,
-         parts.numpy().reshape(-1), _MKL)  # fmt: skip
+         w_mat, grad_out, grad_channels_last, need_weight, gc, grad_offset, grad_mask, item_rows,
+         parts, _MKL)  # fmt: skip
     if need_input:
         _run(_backward_input, num_chunks(nb * (p.geo[_H] + 3), gc.numel()), *p.sources[1:],
-             p.geo, p.runs, tile_np, layout, gc.numpy(), item_rows,
-             grad_pad.numpy().reshape(-1))  # fmt: skip
+             p.geo, p.runs, tile_np, layout, gc, item_rows, grad_pad)  # fmt: skip
     for part in parts:  # in order: the same sum whatever the threads
         grad_w_mat += part
 
@@ -2572,26 +2568,24 @@ def backward(grad_out, input, offset, weight, stride, padding, dilation, mask, n
             samples = _scratch("samples", math.prod(shape), p.dtype) if need_weight else None
             cols = samples.view(shape) if need_weight and not transposed else gc
             tile_np, layout = np.array(tile, dtype=np.int64), p.column_layout(tile)
-            gc_np = gc.numpy().reshape(-1)
-            cols_t = samples.numpy() if transposed else gc_np[:0]
+            gc_flat = gc.view(-1)
+            cols_t = samples if transposed else gc_flat[:0]
             item_rows = np.empty(2 * nb * rb, dtype=np.int64)
             blocks = _block_count(tile)
             if need_input and nb >= FUSED_BACKWARD_IMAGES:
                 _run(_backward_fused, num_chunks(nb, gc.numel()), *p.sources, p.geo, p.runs,
-                            tile_np, layout, gc_np, need_weight, cols.numpy().reshape(-1),
-                            grad_offset.numpy().reshape(-1), grad_mask.numpy().reshape(-1),
-                            grad_pad.numpy().reshape(-1), cols_t)  # fmt: skip
+                            tile_np, layout, gc_flat, need_weight, cols, grad_offset,
+                            grad_mask, grad_pad, cols_t)  # fmt: skip
                 need_input_pass = False
             else:
                 _run(_backward_taps, num_chunks(blocks, gc.numel()), *p.sources, p.geo, p.runs,
-                            tile_np, layout, gc_np, need_weight, cols.numpy().reshape(-1),
-                            grad_offset.numpy().reshape(-1), grad_mask.numpy().reshape(-1),
-                            item_rows, cols_t)  # fmt: skip
+                            tile_np, layout, gc_flat, need_weight, cols, grad_offset,
+                            grad_mask, item_rows, cols_t)  # fmt: skip
                 need_input_pass = need_input
             if need_input_pass:
                 _run(_backward_input, num_chunks(nb * (p.geo[_H] + 3), gc.numel()),
-                            *p.sources[1:], p.geo, p.runs, tile_np, layout, gc_np, item_rows,
-                            grad_pad.numpy().reshape(-1))  # fmt: skip
+                            *p.sources[1:], p.geo, p.runs, tile_np, layout, gc_flat, item_rows,
+                            grad_pad)  # fmt: skip
         elif need_weight:
             cols = p.columns(tile)
         if need_weight:
@@ -2623,8 +2617,7 @@ def backward(grad_out, input, offset, weight, stride, padding, dilation, mask, n
         else:
             grad_input = torch.empty(input.shape, dtype=p.dtype)
             chunks = num_chunks(input.shape[0] * height, grad_input.numel(), per_thread=1)
-            _run(_rows_to_nchw, chunks, grad_pad.numpy().reshape(-1), grad_input.numpy().reshape(-1),
-                 _unpadding(p.geo))  # fmt: skip
+            _run(_rows_to_nchw, chunks, grad_pad, grad_input, _unpadding(p.geo))
     grad_weight = None
     if need_weight:
         grad_weight = p.weight_gradient(grad_w_mat)
