@@ -762,3 +762,22 @@ def test_forward_plan_follows_every_setting_it_reads(monkeypatch):
                 assert module._forward_plan(p, w) is plan
                 seen.add(plan[:2])
     assert len(seen) >= 3  # the settings did change the decisions
+
+
+def test_scratch_views_follow_their_buffer():
+    """A scratch view is kept with the buffer it views: the same call again gets it back, and
+    once the buffer has grown (or been dropped) a view of the new buffer."""
+    scratch = _deform_conv_cpu._scratch
+    buffers = _deform_conv_cpu._workspace.__dict__.setdefault("buffers", {})
+    first = scratch("test_views", 10, torch.float32, (2, 5))
+    assert scratch("test_views", 10, torch.float32, (2, 5)) is first
+    assert scratch("test_views", 10, torch.float32).shape == (10,)
+    grown = scratch("test_views", 100, torch.float32, (10, 10))
+    again = scratch("test_views", 10, torch.float32, (2, 5))
+    assert again is not first and again.shape == (2, 5)
+    key = ("test_views", torch.float32)
+    assert again.data_ptr() == grown.data_ptr() == buffers[key].data_ptr()
+    del buffers[key]
+    fresh = scratch("test_views", 10, torch.float32, (2, 5))
+    assert fresh is not again and fresh.data_ptr() == buffers[key].data_ptr()
+    del buffers[key]
