@@ -84,22 +84,28 @@ def test_export_captures_one_node():
 # nothing needs the op.
 
 
-@pytest.fixture
-def direct_calls(monkeypatch):
-    """How many times deform_conv2d called the kernel itself (``_direct``; the op calls the
-    kernel it was registered with), from an empty memory of checked calls."""
+def counted(monkeypatch, name):
+    """The calls of ``deform_conv``'s function ``name`` (a spy in its place), from an empty
+    memory of checked calls."""
     from deformable.ops import deform_conv
 
     calls = []
-    kernel = deform_conv._direct
+    function = getattr(deform_conv, name)
 
     def spy(*args):
         calls.append(1)
-        return kernel(*args)
+        return function(*args)
 
-    monkeypatch.setattr(deform_conv, "_direct", spy)
+    monkeypatch.setattr(deform_conv, name, spy)
     monkeypatch.setattr(deform_conv, "_checked", {})
     return calls
+
+
+@pytest.fixture
+def direct_calls(monkeypatch):
+    """How many times deform_conv2d called the kernel itself (``_direct``; the op calls the
+    kernel it was registered with)."""
+    return counted(monkeypatch, "_direct")
 
 
 def call(tensors):
@@ -166,19 +172,8 @@ def test_the_op_runs_where_something_needs_it(direct_calls):
 
 @pytest.fixture
 def checks(monkeypatch):
-    """How many times deform_conv2d ran its argument checks, from an empty memory of calls."""
-    from deformable.ops import deform_conv
-
-    calls = []
-    check = deform_conv._check_arguments
-
-    def spy(*args):
-        calls.append(1)
-        return check(*args)
-
-    monkeypatch.setattr(deform_conv, "_check_arguments", spy)
-    monkeypatch.setattr(deform_conv, "_checked", {})
-    return calls
+    """How many times deform_conv2d ran its argument checks."""
+    return counted(monkeypatch, "_check_arguments")
 
 
 def test_a_repeated_call_skips_the_checks_it_passed(checks):

@@ -2064,7 +2064,8 @@ class _Problem:
             if len(_statics) >= 256:
                 _statics.clear()
             statics = _statics[key] = self.statics(input, offset, weight, stride, padding,
-                                                   dilation, budget, max_positions)  # fmt: skip
+                                                   dilation, budget, max_positions,
+                                                   channels_last)  # fmt: skip
         self.__dict__.update(statics)
         self.key = key
         self.pad = _padded(input, self.geo, channels_last)
@@ -2073,7 +2074,8 @@ class _Problem:
         self.sources = (self.pad, off, msk, mask is not None)
 
     @staticmethod
-    def statics(input, offset, weight, stride, padding, dilation, budget, max_positions) -> dict:
+    def statics(input, offset, weight, stride, padding, dilation, budget, max_positions,
+                channels_last) -> dict:
         """The attributes that follow from the call's shapes, dtype, layout and arguments alone
         (kept between calls: computing them took 15-20 us of a 1 ms call): sizes, ``geo`` and
         ``runs`` (the kernels' int64 arguments, shared: never written), ``tiles``."""
@@ -2090,7 +2092,7 @@ class _Problem:
             budget = min(budget, max_positions * bytes_per_position)
         return dict(out_channels=out_channels, cw=cw, kh=kh, kw=kw, out_h=out_h, out_w=out_w,
                     taps=taps, channels=channels, weight_groups=channels // cw,
-                    dtype=input.dtype, channels_last=_is_channels_last(input),
+                    dtype=input.dtype, channels_last=channels_last,
                     offset_groups=groups, runs=_channel_runs(channels, groups, cw), geo=geo,
                     tiles=tuple(_tiles(batch, out_h, out_w, bytes_per_position, budget)))
 
@@ -2117,14 +2119,11 @@ class _Problem:
         shape = (nb * rb * wb, self.weight_groups, self.taps * self.cw)
         return self.sample(tile, shape, self.column_layout(tile))
 
-    def group_columns(self, tile, channel_major=False):
-        """The tile's column matrix of each weight group, contiguous: cols[wg, P, kh*kw*cw], a
-        row (tap, channel) in ``weight.permute(0, 2, 3, 1)``'s order, or with ``channel_major``
-        (channel, tap), ``weight``'s own order (then the weight needs no reordering)."""
-        return self.sample(tile, *self.group_layout(tile, channel_major))
-
     def group_layout(self, tile, channel_major):
-        """``group_columns``' shape and layout."""
+        """Shape and layout of the tile's column matrix of each weight group, contiguous (the
+        forward's, ``sample``'s ``shape`` and ``layout``): cols[wg, P, kh*kw*cw], a row (tap,
+        channel) in ``weight.permute(0, 2, 3, 1)``'s order, or with ``channel_major`` (channel,
+        tap), ``weight``'s own order (then the weight needs no reordering)."""
         nb, rb, wb = tile[3:]
         positions, k, cw = nb * rb * wb, self.taps, self.cw
         if channel_major:
