@@ -125,7 +125,7 @@ def _direct(input, offset, weight, bias, stride, padding, dilation, mask, native
     """The op's own kernel, minus its dispatch (``direct_call``); for ``native`` tensors (CPU,
     float32 or float64) the numba forward itself where it is the one :func:`kernels.select` would
     pick, without the selection's Python."""
-    if native and kernels.requested() in _NUMBA:
+    if native and kernels.requested() in kernels.NUMBA_ON_CPU:
         return _deform_conv_cpu.forward(input, offset, weight, bias, stride, padding, dilation,
                                         mask)  # fmt: skip
     return _forward(input, offset, weight, bias, stride, padding, dilation, mask)
@@ -136,9 +136,6 @@ def _direct(input, offset, weight, bias, stride, padding, dilation, mask, native
 #: the checks: the same call again skips them (with the Python around them 20-40 us of a 1 ms
 #: call), bounded.
 _checked: dict = {}
-
-#: What :func:`deformable.ops.kernels.requested` says where CPU tensors run the numba kernels.
-_NUMBA = ("auto", "numba")
 
 
 def _call_key(input, offset, weight, bias, mask, stride, padding, dilation):

@@ -101,13 +101,18 @@ def triton_problem(device: torch.device) -> str | None:
     return None
 
 
+#: What :func:`requested` says where CPU tensors run the numba kernels (``select``'s rule, which
+#: the ops' direct calls read too).
+NUMBA_ON_CPU = ("auto", "numba")
+
+
 def select(device: torch.device | str) -> str:
     """The kernel set (``numba``, ``triton`` or ``reference``) that runs on ``device`` now."""
     device = torch.device(device)
     name = requested()
+    if device.type == "cpu" and name in NUMBA_ON_CPU:
+        return "numba"
     if name == "auto":
-        if device.type == "cpu":
-            return "numba"
         if device.type == "cuda" and triton_problem(device) is None:
             return "triton"
         return "reference"
